@@ -1,0 +1,197 @@
+"""The `clipsearch` command: thin wrappers that parse, call the library and print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from app.config import Settings
+from app.errors import ClipSearchError, NotReady
+from app.index import read_manifest
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILURES = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def settings_options(func: F) -> F:
+    """The settings every command accepts; a flag overrides the CLIPSEARCH_* variable of the same name."""
+    options = [
+        click.option("--data-dir", type=click.Path(path_type=Path), help="Folder for the database and index."),
+        click.option("--database-url", help="SQLAlchemy URL of the metadata store (default: SQLite in data dir)."),
+        click.option("--model", help="open_clip model name or local-dir:/path."),
+        click.option("--pretrained", help="Pretrained tag or checkpoint file ('' for none)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs."),
+        click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per model call."),
+        click.option("--workers", "decode_workers", type=click.IntRange(1, 256), help="Decode threads."),
+        click.option("--max-image-pixels", type=click.IntRange(1), help="Refuse images with more pixels."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(overrides: dict[str, Any]) -> Settings:
+    keys = ("data_dir", "database_url", "model", "pretrained", "device", "batch_size", "decode_workers",
+            "max_image_pixels")  # fmt: skip
+    picked = {k: overrides.pop(k) for k in keys if k in overrides}
+    try:
+        return Settings().with_overrides(**picked)
+    except ValueError as exc:
+        raise ClipSearchError(f"invalid setting: {exc}") from exc
+
+
+def handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ClipSearchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="clipsearch")
+def main(verbose: int) -> None:
+    """Semantic search over your own photos: index a folder, then find pictures by describing them."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@settings_options
+@click.option("--rebuild", is_flag=True, help="Rebuild the index from the store (no re-embedding).")
+@click.option("--retry-failed", is_flag=True, help="Try again files that failed before, even if unchanged.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def index(paths: tuple[Path, ...], rebuild: bool, retry_failed: bool, strict: bool, quiet: bool, **opts: Any) -> None:
+    """Index (or update the index of) the images under PATHS."""
+    from app.encoder import Encoder
+    from app.store import Store
+    from indexer import Indexer
+
+    settings = _settings(opts)
+    store = Store(settings.effective_database_url)
+    encoder = Encoder.from_settings(settings)
+    progress = not quiet and sys.stderr.isatty()
+    indexer = Indexer(settings, store, encoder, progress=progress)
+    try:
+        summary = indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished batches are saved; run the same command again to finish.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    for line in summary.lines():
+        click.echo(line)
+    if strict and summary.failed:
+        sys.exit(EXIT_FAILURES)
+
+
+def _print_hits(hits: list[Any], as_json: bool, header: str) -> None:
+    if as_json:
+        click.echo(json.dumps({"query": header, "hits": [asdict(h) for h in hits]}, indent=2))
+        return
+    if not hits:
+        click.echo("no results (is the index empty?)")
+        return
+    for rank, hit in enumerate(hits, 1):
+        click.echo(f"{rank:>3}  {hit.score:.4f}  #{hit.id:<7} {hit.path}")
+
+
+@main.command()
+@click.argument("query", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Search by image.")
+@click.option("-k", "--top-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_options
+@handle_errors
+def search(query: str | None, image: Path | None, k: int, as_json: bool, **opts: Any) -> None:
+    """Find images matching a text QUERY (or an --image)."""
+    from app.search import open_service
+
+    if (query is None) == (image is None):
+        raise click.UsageError("give either a text QUERY or --image FILE (one of them)")
+    service = open_service(_settings(opts))
+    if image is not None:
+        _print_hits(service.search_image_file(image, k), as_json, str(image))
+    else:
+        assert query is not None
+        _print_hits(service.search_text(query, k), as_json, query)
+
+
+@main.command()
+@click.argument("image_id", type=int)
+@click.option("-k", "--top-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@settings_options
+@handle_errors
+def similar(image_id: int, k: int, as_json: bool, **opts: Any) -> None:
+    """Images most like the indexed image IMAGE_ID (itself excluded)."""
+    from app.search import open_service
+
+    service = open_service(_settings(opts))
+    _print_hits(service.similar(image_id, k), as_json, f"similar to #{image_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--failures", "show_failures", is_flag=True, help="List failed files with their reasons.")
+@settings_options
+@handle_errors
+def stats(as_json: bool, show_failures: bool, **opts: Any) -> None:
+    """Counts by status, the model and the index size."""
+    from app.store import Store
+
+    settings = _settings(opts)
+    store = Store(settings.effective_database_url)
+    info: dict[str, Any] = {
+        "database": store.safe_url,
+        "schema_version": store.schema_version(),
+        "images": store.counts(),
+        "index_dir": str(settings.index_dir),
+    }
+    try:
+        manifest = read_manifest(settings.index_dir)
+        index_path = settings.index_dir / manifest.index_file
+        info["index"] = asdict(manifest) | {"bytes": index_path.stat().st_size}
+    except (NotReady, ClipSearchError, OSError) as exc:
+        info["index"] = None
+        info["index_problem"] = str(exc)
+    if show_failures:
+        info["failures"] = [{"path": p, "reason": r} for p, r in store.failures(limit=1000)]
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    counts = info["images"]
+    click.echo(f"database: {info['database']} (schema v{info['schema_version']})")
+    click.echo("images:   " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if info["index"]:
+        m = info["index"]
+        click.echo(
+            f"index:    {m['count']} vectors, {m['dim']}-d, {m['index_type']}, {m['bytes'] / 1e6:.1f} MB, "
+            f"built {m['built_at']}"
+        )
+        click.echo(f"model:    {m['model']}" + (f" ({m['pretrained']})" if m["pretrained"] else ""))
+    else:
+        click.echo(f"index:    none ({info['index_problem']})")
+    for item in info.get("failures", []):
+        click.echo(f"failed:   {item['path']}: {item['reason']}")
+
+
+if __name__ == "__main__":
+    main()

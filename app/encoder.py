@@ -1,0 +1,173 @@
+"""CLIP encoder over open_clip: loading (name + tag | checkpoint | local-dir:) and batched encoding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.config import Settings
+from app.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies the vectors a model produces: two specs that differ cannot share an index."""
+
+    name: str
+    pretrained: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelSpec:
+        name = settings.model.strip()
+        if not name:
+            raise ModelLoadError("CLIPSEARCH_MODEL is empty: set it to an open_clip model name such as ViT-B-32")
+        if name.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
+            # A local-dir model carries its own weights: the pretrained setting does not apply.
+            return cls(name=f"{LOCAL_DIR_PREFIX}{folder}", pretrained="")
+        pretrained = settings.pretrained.strip()
+        if pretrained and os.path.exists(os.path.expanduser(pretrained)):
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(name=name, pretrained=pretrained)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
+
+    def cli_hint(self) -> str:
+        """The settings that select this model, as a person would type them."""
+        hint = f"CLIPSEARCH_MODEL={self.name}"
+        if not self.name.startswith(LOCAL_DIR_PREFIX):
+            hint += f" CLIPSEARCH_PRETRAINED={self.pretrained}"
+        return hint
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIPSEARCH_DEVICE=cuda but no CUDA device is available; use 'auto' or 'cpu'")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Encoder:
+    """Turns images and texts into float32, L2-normalised vectors in one shared space."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, cache_dir: Path | None = None) -> None:
+        import open_clip
+
+        self.spec = spec
+        self.device = device
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name,
+                pretrained=spec.pretrained or None,
+                device=device,
+                cache_dir=str(cache_dir) if cache_dir else None,
+            )
+            self.tokenizer = open_clip.get_tokenizer(spec.name)
+        except Exception as exc:
+            raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
+        model.eval()
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        self.image_size = _image_size(model)
+        self.dim = _embed_dim(model, self.tokenizer, device)
+        # One model call at a time: torch already uses every core, and GPU memory is shared.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Encoder:
+        return cls(ModelSpec.from_settings(settings), resolve_device(settings.device), settings.model_cache_dir)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        tensor: torch.Tensor = self.preprocess(image)
+        return tensor
+
+    def encode_pixels(self, batch: torch.Tensor) -> np.ndarray:
+        """Encode a batch of preprocessed images (N, 3, H, W) into (N, dim) unit vectors."""
+        with self._lock, torch.inference_mode(), self._autocast():
+            batch = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cpu":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            features = self.model.encode_image(batch)
+        return _normalise(features)
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        chunks = [
+            self.encode_pixels(torch.stack([self.preprocess_image(im) for im in images[i : i + batch_size]]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = []
+        for chunk in _chunks(list(texts), batch_size):
+            tokens = self.tokenizer(chunk)
+            with self._lock, torch.inference_mode(), self._autocast():
+                features = self.model.encode_text(tokens.to(self.device))
+            out.append(_normalise(features))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _normalise(features: torch.Tensor) -> np.ndarray:
+    vectors = features.float().cpu().numpy().astype(np.float32, copy=False)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _image_size(model: torch.nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def _embed_dim(model: torch.nn.Module, tokenizer: Any, device: torch.device) -> int:
+    with torch.inference_mode():
+        return int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+
+
+def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
+    reason = f"{exc.__class__.__name__}: {exc}"
+    if spec.name.startswith(LOCAL_DIR_PREFIX):
+        return (
+            f"could not load model from {spec.name}: {reason}. The folder must hold open_clip_config.json "
+            "and open_clip_model.safetensors (or open_clip_pytorch_model.bin)."
+        )
+    if "not found in built-ins" in reason:
+        return f"unknown model '{spec.name}': use an open_clip model name (e.g. ViT-B-32) or local-dir:/path"
+    if "not a known tag or valid file path" in reason:
+        return (
+            f"pretrained '{spec.pretrained}' is neither a known tag for {spec.name} nor an existing checkpoint "
+            "file: fix CLIPSEARCH_PRETRAINED (or leave it empty for random weights)"
+        )
+    return (
+        f"could not load model {spec.label}: {reason}. If the weights must be downloaded, check network "
+        "access or point CLIPSEARCH_PRETRAINED at a local checkpoint file."
+    )

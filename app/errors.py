@@ -1,0 +1,39 @@
+"""Domain errors. The CLI maps them to exit codes, the API to HTTP status codes."""
+
+from __future__ import annotations
+
+
+class ClipSearchError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+
+class ConfigError(ClipSearchError):
+    """A setting is invalid or inconsistent."""
+
+
+class ModelLoadError(ClipSearchError):
+    """The CLIP model could not be loaded."""
+
+
+class IndexMismatch(ClipSearchError):
+    """The index on disk was built with another model (or is unreadable)."""
+
+
+class NotReady(ClipSearchError):
+    """There is no index yet, or it is still loading."""
+
+
+class NotFound(ClipSearchError):
+    """An image id that the store does not know."""
+
+
+class BadQuery(ClipSearchError):
+    """A query that cannot be answered as given."""
+
+
+class UnsupportedImage(ClipSearchError):
+    """A file or upload that cannot be decoded as an image (or is too large)."""
+
+
+class StoreError(ClipSearchError):
+    """The metadata store is unreachable or has an incompatible schema."""

@@ -1,0 +1,125 @@
+"""Decoding with safe limits, EXIF orientation and colour normalisation (pure functions)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import UnsupportedImage
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+# We check the pixel count ourselves (with a clear message); keep PIL's own guard as a backstop only.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image ready for the model, with what the store records about the file."""
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
+    """Decode image bytes into an upright 8-bit RGB image.
+
+    ``draft_size`` lets JPEG decoding run at a reduced DCT scale while keeping both sides at least
+    that many pixels (the model input is far smaller than most photos). Width and height reported
+    are those of the full image, after EXIF orientation.
+    Raises UnsupportedImage with a reason a person can act on.
+    """
+    if not data:
+        raise UnsupportedImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise UnsupportedImage("not a recognised image format (is it really an image?)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnsupportedImage(f"image too large to decode safely: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnsupportedImage(f"unreadable image header: {exc}") from exc
+
+    fmt = (img.format or "unknown").upper()
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise UnsupportedImage(f"invalid image dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise UnsupportedImage(
+            f"image has {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
+            "(raise CLIPSEARCH_MAX_IMAGE_PIXELS if this file is trusted)"
+        )
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        orientation = _exif_orientation(img)
+        if draft_size and fmt == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+            img.draft("RGB" if img.mode != "L" else "L", (draft_size, draft_size))
+        img.load()
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+        rgb = to_rgb(img)
+    except UnsupportedImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc) or exc.__class__.__name__
+        if "truncated" in reason:
+            raise UnsupportedImage(f"truncated file: {reason}") from exc
+        raise UnsupportedImage(f"corrupt image data: {reason}") from exc
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(0x0112)
+    except Exception:  # malformed EXIF must not make a decodable photo fail
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha over white, 16-bit and float scaled, CMYK converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        gray = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_and_decode(path: Path, *, max_pixels: int, draft_size: int | None = None) -> tuple[bytes, DecodedImage]:
+    data = path.read_bytes()
+    return data, decode_image(data, max_pixels=max_pixels, draft_size=draft_size)

@@ -1,0 +1,175 @@
+"""FAISS vector index keyed by store row id, saved atomically beside a manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from app.errors import IndexMismatch, NotReady
+
+MANIFEST_FILE = "manifest.json"
+FLAT_IP = "IDMap2,Flat,IP"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    pretrained: str
+    dim: int
+    count: int
+    built_at: str
+    index_type: str
+    index_file: str
+    format_version: int = 1
+
+
+class VectorIndex:
+    """Inner-product search over unit vectors (so scores are cosine similarities)."""
+
+    def __init__(self, dim: int, faiss_index: faiss.Index | None = None) -> None:
+        self.dim = dim
+        self._index = faiss_index if faiss_index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids) == 0:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"expected vectors of shape (n, {self.dim}), got {vectors.shape}")
+        self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> int:
+        if len(ids) == 0:
+            return 0
+        return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+
+    def reconstruct(self, image_id: int) -> np.ndarray | None:
+        try:
+            return np.asarray(self._index.reconstruct(int(image_id)), dtype=np.float32)
+        except RuntimeError:
+            return None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; missing slots are dropped by callers via id -1."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if self.ntotal == 0 or k <= 0:
+            empty = np.zeros((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        scores, ids = self._index.search(queries, min(k, self.ntotal))
+        return scores, ids
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def save(self, directory: Path, *, model: str, pretrained: str) -> Manifest:
+        """Write a new index file, then switch the manifest to it with one os.replace.
+
+        The manifest is the single commit point: a reader sees either the old index or the new one,
+        never a half-written file or a manifest that disagrees with its index.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC)
+        index_file = f"index-{now.strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}.faiss"
+        tmp = directory / f".{index_file}.tmp"
+        try:
+            faiss.write_index(self._index, str(tmp))
+            _fsync_file(tmp)
+            os.replace(tmp, directory / index_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        manifest = Manifest(
+            model=model,
+            pretrained=pretrained,
+            dim=self.dim,
+            count=self.ntotal,
+            built_at=now.isoformat(timespec="milliseconds"),
+            index_type=FLAT_IP,
+            index_file=index_file,
+        )
+        _atomic_write(directory / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2).encode())
+        _prune_old_index_files(directory, keep={index_file})
+        return manifest
+
+    @classmethod
+    def load(cls, directory: Path, *, model: str, pretrained: str) -> tuple[VectorIndex, Manifest]:
+        manifest = read_manifest(directory)
+        check_manifest(manifest, model=model, pretrained=pretrained)
+        try:
+            index = faiss.read_index(str(directory / manifest.index_file))
+        except RuntimeError as exc:
+            raise IndexMismatch(
+                f"the index file in {directory} is unreadable ({exc}); rebuild it with 'clipsearch index --rebuild'"
+            ) from exc
+        if index.d != manifest.dim or index.ntotal != manifest.count:
+            raise IndexMismatch(
+                f"the index in {directory} does not match its manifest; rebuild it with 'clipsearch index --rebuild'"
+            )
+        return cls(manifest.dim, index), manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST_FILE
+    if not path.exists():
+        raise NotReady(f"no index in {directory} yet: run 'clipsearch index PATH' to build one")
+    try:
+        manifest = Manifest(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise IndexMismatch(
+            f"the manifest {path} is unreadable ({exc}); rebuild it with 'clipsearch index --rebuild'"
+        ) from exc
+    if not (directory / manifest.index_file).exists():
+        raise IndexMismatch(
+            f"the index file {manifest.index_file} named by {path} is missing; "
+            "rebuild it with 'clipsearch index --rebuild'"
+        )
+    return manifest
+
+
+def check_manifest(manifest: Manifest, *, model: str, pretrained: str) -> None:
+    if manifest.model != model or manifest.pretrained != pretrained:
+        built = f"{manifest.model} ({manifest.pretrained or 'no pretrained tag'})"
+        wanted = f"{model} ({pretrained or 'no pretrained tag'})"
+        raise IndexMismatch(
+            f"the index was built with model {built} but {wanted} is configured. Either set "
+            f"CLIPSEARCH_MODEL={manifest.model} CLIPSEARCH_PRETRAINED={manifest.pretrained} to use it, or "
+            "re-embed the catalog with the new model: 'clipsearch index PATH...' (changed models are "
+            "detected and re-embedded)."
+        )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _prune_old_index_files(directory: Path, keep: set[str]) -> None:
+    """Remove superseded index files, keeping the newest previous one for readers mid-switch."""
+    old = sorted(p for p in directory.glob("index-*.faiss") if p.name not in keep)
+    for stale in old[:-1]:
+        stale.unlink(missing_ok=True)

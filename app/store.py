@@ -1,0 +1,379 @@
+"""Metadata store: one row per image file with its vector (SQLAlchemy 2.0; SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from app.errors import NotFound, StoreError
+
+SCHEMA_VERSION = 1
+
+
+class ImageStatus(enum.StrEnum):
+    INDEXED = "indexed"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "clipsearch_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(4096), unique=True, index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[float] = mapped_column(Float)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(1024))
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the store knows of a path, enough to decide whether it changed."""
+
+    id: int
+    path: str
+    size: int
+    mtime: float
+    sha256: str | None
+    status: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    width: int | None
+    height: int | None
+    format: str | None
+    size: int
+    mtime: float
+    status: str
+    error: str | None
+    sha256: str | None
+
+
+@dataclass
+class ImageResult:
+    """The outcome of processing one file, written by ``Store.save_results``."""
+
+    path: str
+    size: int
+    mtime: float
+    sha256: str | None
+    status: ImageStatus
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    error: str | None = None
+    vector: np.ndarray | None = None
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def bytes_to_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
+    cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Store:
+    """All reads and writes of image metadata and vectors. Every write is one transaction."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, echo=echo, pool_pre_ping=True)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StoreError(f"invalid database URL {url!r}: {exc}") from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+            with self._sessions.begin() as session:
+                row = session.get(Meta, "schema_version")
+                if row is None:
+                    session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                elif int(row.value) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the database has schema version {row.value}, newer than this clipsearch "
+                        f"({SCHEMA_VERSION}): upgrade clipsearch"
+                    )
+        except OperationalError as exc:
+            raise StoreError(f"cannot open the metadata store at {self.safe_url}: {exc.orig}") from exc
+
+    @property
+    def safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def schema_version(self) -> int:
+        with self._sessions() as session:
+            row = session.get(Meta, "schema_version")
+            return int(row.value) if row else 0
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def file_states(self) -> dict[str, FileState]:
+        """Every known path (any status) with what incremental indexing compares against."""
+        stmt = select(
+            ImageRow.id,
+            ImageRow.path,
+            ImageRow.size,
+            ImageRow.mtime,
+            ImageRow.sha256,
+            ImageRow.status,
+            ImageRow.model,
+        )
+        with self._sessions() as session:
+            return {r.path: FileState(*r) for r in session.execute(stmt)}
+
+    def embedded_shas(self, model: str) -> set[str]:
+        """Contents that already have a vector for ``model`` (in any row, a deleted one too)."""
+        stmt = (
+            select(ImageRow.sha256)
+            .where(ImageRow.model == model, ImageRow.embedding.is_not(None), ImageRow.sha256.is_not(None))
+            .distinct()
+        )
+        with self._sessions() as session:
+            return {sha for sha in session.scalars(stmt) if sha}
+
+    def reusable_by_sha(self, shas: Iterable[str], model: str) -> dict[str, ImageResult]:
+        """For each known content: its vector and image facts, ready to copy onto another path."""
+        wanted = list(set(shas))
+        found: dict[str, ImageResult] = {}
+        with self._sessions() as session:
+            for i in range(0, len(wanted), 500):
+                stmt = select(
+                    ImageRow.sha256, ImageRow.embedding, ImageRow.width, ImageRow.height, ImageRow.format
+                ).where(
+                    ImageRow.sha256.in_(wanted[i : i + 500]),
+                    ImageRow.model == model,
+                    ImageRow.embedding.is_not(None),
+                )
+                for sha, blob, width, height, fmt in session.execute(stmt):
+                    found.setdefault(
+                        sha,
+                        ImageResult(
+                            path="",
+                            size=0,
+                            mtime=0.0,
+                            sha256=sha,
+                            status=ImageStatus.INDEXED,
+                            width=width,
+                            height=height,
+                            format=fmt,
+                            vector=bytes_to_vector(blob),
+                        ),
+                    )
+        return found
+
+    def count_indexed(self, model: str) -> int:
+        stmt = select(func.count()).where(
+            ImageRow.status == ImageStatus.INDEXED, ImageRow.model == model, ImageRow.embedding.is_not(None)
+        )
+        with self._sessions() as session:
+            return int(session.scalar(stmt) or 0)
+
+    def iter_vectors(self, model: str, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every indexed image, in chunks: the index is always rebuildable from here."""
+        last_id = 0
+        with self._sessions() as session:
+            while True:
+                stmt = (
+                    select(ImageRow.id, ImageRow.embedding)
+                    .where(
+                        ImageRow.status == ImageStatus.INDEXED,
+                        ImageRow.model == model,
+                        ImageRow.embedding.is_not(None),
+                        ImageRow.id > last_id,
+                    )
+                    .order_by(ImageRow.id)
+                    .limit(chunk)
+                )
+                rows = session.execute(stmt).all()
+                if not rows:
+                    return
+                ids = np.array([r.id for r in rows], dtype=np.int64)
+                vectors = np.stack([bytes_to_vector(r.embedding) for r in rows])
+                last_id = int(ids[-1])
+                yield ids, vectors
+
+    def iter_vectors_for(
+        self, ids: Sequence[int], model: str, chunk: int = 500
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of those of ``ids`` that are indexed with ``model``."""
+        with self._sessions() as session:
+            for i in range(0, len(ids), chunk):
+                stmt = select(ImageRow.id, ImageRow.embedding).where(
+                    ImageRow.id.in_([int(x) for x in ids[i : i + chunk]]),
+                    ImageRow.status == ImageStatus.INDEXED,
+                    ImageRow.model == model,
+                    ImageRow.embedding.is_not(None),
+                )
+                rows = session.execute(stmt).all()
+                if rows:
+                    yield (
+                        np.array([r.id for r in rows], dtype=np.int64),
+                        np.stack([bytes_to_vector(r.embedding) for r in rows]),
+                    )
+
+    def vector(self, image_id: int) -> np.ndarray:
+        with self._sessions() as session:
+            blob = session.scalar(select(ImageRow.embedding).where(ImageRow.id == image_id))
+        if blob is None:
+            raise NotFound(f"image {image_id} has no stored vector (unknown id, or the file failed to index)")
+        return bytes_to_vector(blob)
+
+    def get(self, image_id: int) -> ImageRecord:
+        records = self.get_many([image_id])
+        if image_id not in records:
+            raise NotFound(f"no image with id {image_id}")
+        return records[image_id]
+
+    def get_many(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        if not ids:
+            return {}
+        stmt = select(
+            ImageRow.id,
+            ImageRow.path,
+            ImageRow.width,
+            ImageRow.height,
+            ImageRow.format,
+            ImageRow.size,
+            ImageRow.mtime,
+            ImageRow.status,
+            ImageRow.error,
+            ImageRow.sha256,
+        ).where(ImageRow.id.in_([int(i) for i in ids]))
+        with self._sessions() as session:
+            return {r.id: ImageRecord(*r) for r in session.execute(stmt)}
+
+    def counts(self) -> dict[str, int]:
+        stmt = select(ImageRow.status, func.count()).group_by(ImageRow.status)
+        with self._sessions() as session:
+            counts = {status.value: 0 for status in ImageStatus}
+            counts.update({status: n for status, n in session.execute(stmt)})
+            return counts
+
+    def failures(self, limit: int = 20) -> list[tuple[str, str]]:
+        stmt = (
+            select(ImageRow.path, ImageRow.error)
+            .where(ImageRow.status == ImageStatus.FAILED)
+            .order_by(ImageRow.path)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            return [(p, e or "") for p, e in session.execute(stmt)]
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def save_results(self, results: Sequence[ImageResult], model: str) -> dict[str, int]:
+        """Insert or update one row per path, in one transaction. Returns path -> row id."""
+        if not results:
+            return {}
+        paths = [r.path for r in results]
+        now = utcnow()
+        with self._sessions.begin() as session:
+            existing = {
+                row.path: row for row in session.scalars(select(ImageRow).where(ImageRow.path.in_(paths)))
+            }
+            for result in results:
+                row = existing.get(result.path)
+                if row is None:
+                    row = ImageRow(path=result.path, created_at=now)
+                    session.add(row)
+                    existing[result.path] = row
+                row.size = result.size
+                row.mtime = result.mtime
+                row.sha256 = result.sha256
+                row.status = result.status.value
+                row.width = result.width
+                row.height = result.height
+                row.format = result.format
+                row.error = result.error
+                row.updated_at = now
+                if result.vector is not None:
+                    row.embedding = vector_to_bytes(result.vector)
+                    row.model = model
+                elif result.status is ImageStatus.FAILED:
+                    row.embedding = None
+                    row.model = None
+            session.flush()
+            return {path: row.id for path, row in existing.items()}
+
+    def mark_deleted(self, ids: Iterable[int]) -> int:
+        wanted = [int(i) for i in ids]
+        done = 0
+        with self._sessions.begin() as session:
+            for i in range(0, len(wanted), 500):
+                stmt = (
+                    update(ImageRow)
+                    .where(ImageRow.id.in_(wanted[i : i + 500]))
+                    .values(status=ImageStatus.DELETED.value, updated_at=utcnow())
+                )
+                done += session.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
+        return done
+
