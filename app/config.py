@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -45,6 +45,52 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )
+
+    # --- web API (clipsearch serve) ---
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, admin routes require it (header 'X-API-Key: KEY' or 'Authorization: Bearer KEY').",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (comma-separated); empty: CORS closed.",
+    )
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1, description="Largest query image accepted by POST /search/image."
+    )
+    max_upload_pixels: int = Field(
+        default=40_000_000, ge=1, description="Uploaded query images with more pixels are refused (bombs)."
+    )
+    thumbnail_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [128, 256, 512],
+        description="Thumbnail sizes (longest side, pixels) the API serves (comma-separated).",
+    )
+    thumbnail_format: Literal["jpeg", "webp"] = "jpeg"
+    thumbnail_quality: int = Field(default=85, ge=1, le=100)
+    search_max_candidates: int = Field(
+        default=1000, ge=1, le=100_000, description="How deep a query looks: the bound of 'total' and offset."
+    )
+    text_cache_size: int = Field(default=1024, ge=0, description="Text embeddings kept in the LRU cache.")
+    index_check_seconds: float = Field(
+        default=2.0, ge=0, description="How often a query checks the manifest for a newer index (0: always)."
+    )
+    frontend_dir: Path | None = Field(
+        default=None, description="Static web UI served at /; default: the frontend/ folder beside app/."
+    )
+
+    @field_validator("cors_origins", "thumbnail_sizes", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("thumbnail_sizes", mode="after")
+    @classmethod
+    def _check_thumbnail_sizes(cls, value: list[int]) -> list[int]:
+        if not value or any(not 16 <= size <= 2048 for size in value):
+            raise ValueError("thumbnail sizes must be between 16 and 2048 pixels")
+        return sorted(set(value))
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -148,7 +148,7 @@ def _image_size(model: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def _embed_dim(model: torch.nn.Module, tokenizer: Any, device: torch.device) -> int:
+def _embed_dim(model: Any, tokenizer: Any, device: torch.device) -> int:
     with torch.inference_mode():
         return int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
 

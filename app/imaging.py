@@ -55,8 +55,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         raise UnsupportedImage("not a recognised image format (is it really an image?)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnsupportedImage(f"image too large to decode safely: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UnsupportedImage(f"unreadable image header: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _decode_failure(exc, "unreadable image header") from exc
 
     fmt = (img.format or "unknown").upper()
     width, height = img.size
@@ -76,16 +76,20 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         img.load()
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
-        rgb = to_rgb(img)
+        upright: Image.Image = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+        rgb = to_rgb(upright)
     except UnsupportedImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc) or exc.__class__.__name__
-        if "truncated" in reason:
-            raise UnsupportedImage(f"truncated file: {reason}") from exc
-        raise UnsupportedImage(f"corrupt image data: {reason}") from exc
+        raise _decode_failure(exc, "corrupt image data") from exc
     return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+
+
+def _decode_failure(exc: BaseException, what: str) -> UnsupportedImage:
+    reason = str(exc) or exc.__class__.__name__
+    if "truncated" in reason.lower():
+        return UnsupportedImage(f"truncated file (incomplete download or copy?): {reason}")
+    return UnsupportedImage(f"{what}: {reason}")
 
 
 def _exif_orientation(img: Image.Image) -> int | None:

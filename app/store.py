@@ -214,6 +214,8 @@ class Store:
                     ImageRow.embedding.is_not(None),
                 )
                 for sha, blob, width, height, fmt in session.execute(stmt):
+                    if sha is None or blob is None:
+                        continue
                     found.setdefault(
                         sha,
                         ImageResult(
@@ -309,7 +311,7 @@ class Store:
             ImageRow.sha256,
         ).where(ImageRow.id.in_([int(i) for i in ids]))
         with self._sessions() as session:
-            return {r.id: ImageRecord(*r) for r in session.execute(stmt)}
+            return {r.id: ImageRecord(*r) for r in session.execute(stmt)}  # type: ignore[call-arg]
 
     def counts(self) -> dict[str, int]:
         stmt = select(ImageRow.status, func.count()).group_by(ImageRow.status)
@@ -337,9 +339,7 @@ class Store:
         paths = [r.path for r in results]
         now = utcnow()
         with self._sessions.begin() as session:
-            existing = {
-                row.path: row for row in session.scalars(select(ImageRow).where(ImageRow.path.in_(paths)))
-            }
+            existing = {row.path: row for row in session.scalars(select(ImageRow).where(ImageRow.path.in_(paths)))}
             for result in results:
                 row = existing.get(result.path)
                 if row is None:
@@ -376,4 +376,3 @@ class Store:
                 )
                 done += session.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
         return done
-

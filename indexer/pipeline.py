@@ -319,5 +319,4 @@ class Indexer:
         if not wanted:
             return
         # Touched rows are few next to the catalog; read them back by id from the store.
-        for chunk_ids, vectors in self.store.iter_vectors_for(sorted(wanted), self.model_key):
-            yield chunk_ids, vectors
+        yield from self.store.iter_vectors_for(sorted(wanted), self.model_key)

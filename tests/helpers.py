@@ -1,0 +1,81 @@
+"""Test helpers: tiny random-weight open_clip models saved the way real ones are, and shared data paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CLIPSEARCH_SHARED_DIR", ROOT.parent / "shared")).resolve()
+DATA = SHARED / "data"
+INSTRUMENT_MODEL = SHARED / "models" / "clipsearch-tiny-64"
+
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_PREPROCESS_CFG = {
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def build_tiny_model(seed: int = 0) -> torch.nn.Module:
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_MODEL_CFG)
+    model.eval()
+    return model
+
+
+def save_local_dir_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP in open_clip's local-dir format (config + safetensors), as a real model folder."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(seed)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    config = {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def register_tiny_architecture(folder: Path, name: str = "clipsearch-test-tiny") -> str:
+    """Register the tiny architecture under a model name, as a custom open_clip config would be."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / f"{name}.json"
+    config_path.write_text(json.dumps(TINY_MODEL_CFG))
+    open_clip.add_model_config(config_path)
+    return name
+
+
+def save_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP saved as a training checkpoint file ({'state_dict': ...})."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": build_tiny_model(seed).state_dict()}, path)
+    return path
+
+
+def copy_photos(dest: Path, count: int, source: Path | None = None) -> list[Path]:
+    """Copy ``count`` real photos (COCO-mini, then Caltech-101) into ``dest``; returns the new paths."""
+    sources = sorted((source or DATA / "coco-mini" / "images").glob("*.jpg"))
+    if len(sources) < count:
+        sources += sorted((DATA / "caltech101").glob("*/*.jpg"))[: count - len(sources)]
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, src in enumerate(sources[:count]):
+        target = dest / f"photo_{i:03d}{src.suffix}"
+        shutil.copy2(src, target)
+        out.append(target)
+    return out

@@ -1,0 +1,240 @@
+"""Incremental indexing of a temp copy of real photos: what a user sees across runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.config import Settings
+from app.encoder import Encoder
+from app.index import VectorIndex, read_manifest
+from app.store import ImageStatus, Store
+from indexer import Indexer
+
+
+def _indexer(settings: Settings, store: Store, encoder: Encoder) -> Indexer:
+    return Indexer(settings, store, encoder, progress=False)
+
+
+def _index_ids(settings: Settings, encoder: Encoder) -> set[int]:
+    index, _ = VectorIndex.load(settings.index_dir, model=encoder.spec.name, pretrained=encoder.spec.pretrained)
+    _, ids = index.search(np.eye(encoder.dim, dtype=np.float32)[0], 10_000)
+    return {int(i) for i in ids[0] if i >= 0}
+
+
+def _id_of(store: Store, path: Path) -> int:
+    return store.file_states()[str(path)].id
+
+
+def test_first_run_indexes_all_and_second_run_embeds_nothing(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    first = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (first.added, first.embedded, first.failed, first.unchanged) == (24, 24, 0, 0)
+    assert first.index_count == 24 and read_manifest(settings.index_dir).count == 24
+    manifest_before = read_manifest(settings.index_dir)
+
+    second = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (second.embedded, second.added, second.updated, second.unchanged) == (0, 0, 0, 24)
+    assert read_manifest(settings.index_dir) == manifest_before  # nothing rewritten
+
+
+def test_edited_file_is_re_embedded_in_place(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    target = photos[5]
+    row_id, old = _id_of(store, target), store.vector(_id_of(store, target))
+    Image.open(target).convert("RGB").rotate(180).save(target, "JPEG", quality=90)
+    summary = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (summary.updated, summary.embedded, summary.unchanged) == (1, 1, 23)
+    assert _id_of(store, target) == row_id
+    assert not np.allclose(store.vector(row_id), old)
+    assert len(_index_ids(settings, tiny_encoder)) == 24
+
+
+def test_renamed_file_reuses_its_vector_without_model_time(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    old_id = _id_of(store, photos[2])
+    vector = store.vector(old_id)
+    renamed = photos[2].with_name("renamed.jpg")
+    photos[2].rename(renamed)
+    copy = photos[0].parent / "sub" / "copy-of-3.jpg"
+    copy.parent.mkdir()
+    shutil.copy(photos[3], copy)
+    summary = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (summary.embedded, summary.reused, summary.removed) == (0, 2, 1)
+    new_id = _id_of(store, renamed)
+    np.testing.assert_array_equal(store.vector(new_id), vector)
+    assert store.get(old_id).status == ImageStatus.DELETED
+    ids = _index_ids(settings, tiny_encoder)
+    assert new_id in ids and old_id not in ids and len(ids) == 25
+
+
+def test_deleted_file_leaves_the_index(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    gone = _id_of(store, photos[7])
+    photos[7].unlink()
+    summary = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert summary.removed == 1 and summary.index_count == 23
+    assert gone not in _index_ids(settings, tiny_encoder)
+    assert store.counts() == {"indexed": 23, "failed": 0, "deleted": 1}
+
+
+def test_files_outside_the_given_folders_are_not_swept(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path], tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(photos[0], other / "x.jpg")
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent, other])
+    summary = _indexer(settings, store, tiny_encoder).run([other])
+    assert summary.removed == 0 and store.counts()["indexed"] == 25
+
+
+def test_killed_run_resumes_without_duplicates_or_re_embedding(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    def crash_after_two_batches(batches: int) -> None:
+        if batches == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _indexer(settings, store, tiny_encoder).run([photos[0].parent], on_batch_committed=crash_after_two_batches)
+    committed = store.counts()["indexed"]
+    assert committed == 2 * settings.batch_size  # batches commit as they go
+
+    resumed = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert resumed.embedded == 24 - committed and resumed.unchanged == committed
+    assert store.counts()["indexed"] == 24
+    assert len(store.file_states()) == 24  # no duplicate rows
+    assert _index_ids(settings, tiny_encoder) == {s.id for s in store.file_states().values()}
+
+
+def test_index_is_rebuilt_from_the_store_when_lost(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    shutil.rmtree(settings.index_dir)
+    summary = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert summary.embedded == 0 and summary.index_rebuilt and summary.index_count == 24
+
+
+def test_changing_the_model_re_embeds_everything(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path], tmp_path: Path
+) -> None:
+    from tests.helpers import save_local_dir_model
+
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    other_settings = settings.with_overrides(model=f"local-dir:{save_local_dir_model(tmp_path / 'm2', seed=1)}")
+    other = Encoder.from_settings(other_settings)
+    summary = _indexer(other_settings, store, other).run([photos[0].parent])
+    assert summary.embedded == 24 and summary.index_rebuilt
+    assert read_manifest(settings.index_dir).model == other.spec.name
+
+
+def _write_bad_files(folder: Path) -> dict[str, str]:
+    """Each awkward file with the word its failure reason must contain ('' when it must index fine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = Image.new("RGB", (80, 60), "teal")
+    buf = io.BytesIO()
+    good.save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not a picture\n")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    from tests.test_imaging import _png_header_only
+
+    (folder / "huge.png").write_bytes(_png_header_only(60_000, 60_000))
+    Image.new("CMYK", (40, 40), (10, 200, 30, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(folder / "sixteen.png")
+    Image.new("RGBA", (30, 30), (255, 0, 0, 128)).save(folder / "alpha.png")
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (90, 30), "white").save(folder / "rotated.JPG", exif=exif.tobytes())
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    return {
+        "zero.jpg": "empty",
+        "text.jpg": "not a recognised image",
+        "truncated.jpg": "truncated",
+        "corrupt.png": "",
+        "huge.png": "above the limit",
+        "cmyk.jpg": "",
+        "sixteen.png": "",
+        "alpha.png": "",
+        "anim.gif": "",
+        "rotated.JPG": "",
+    }
+
+
+def test_bad_files_are_recorded_with_reasons_and_the_run_goes_on(
+    settings: Settings, store: Store, tiny_encoder: Encoder, tmp_path: Path
+) -> None:
+    expected = _write_bad_files(tmp_path / "bad")
+    summary = _indexer(settings, store, tiny_encoder).run([tmp_path / "bad"])
+    states = {Path(p).name: s for p, s in store.file_states().items()}
+    assert set(states) == set(expected)  # notes.txt was never considered
+    reasons = dict((Path(p).name, r) for p, r in store.failures())
+    for name, word in expected.items():
+        if name == "corrupt.png":
+            assert states[name].status == ImageStatus.FAILED and reasons[name]
+        elif word:
+            assert states[name].status == ImageStatus.FAILED, name
+            assert word in reasons[name], (name, reasons[name])
+        else:
+            assert states[name].status == ImageStatus.INDEXED, (name, reasons.get(name))
+    assert summary.failed == 5 and summary.added == 5
+    rotated = store.get(states["rotated.JPG"].id)
+    assert (rotated.width, rotated.height) == (30, 90)
+    # an unchanged failed file is not retried; --retry-failed does retry it
+    again = _indexer(settings, store, tiny_encoder).run([tmp_path / "bad"])
+    assert again.failed == 0 and again.unchanged == 10
+    retry = _indexer(settings, store, tiny_encoder).run([tmp_path / "bad"], retry_failed=True)
+    assert retry.failed == 5
+
+
+def test_symlink_loops_and_case_insensitive_extensions(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    root = photos[0].parent
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    shutil.copy(photos[0], root / "UPPER.JPEG")
+    (root / ".hidden").mkdir()
+    shutil.copy(photos[1], root / ".hidden" / "secret.jpg")
+    summary = _indexer(settings, store, tiny_encoder).run([root])
+    assert summary.added + summary.reused == 25
+    assert not any(".hidden" in p for p in store.file_states())
+
+
+def test_missing_folder_is_a_clear_fatal_error(settings: Settings, store: Store, tiny_encoder: Encoder) -> None:
+    from app.errors import ClipSearchError
+
+    with pytest.raises(ClipSearchError, match="no such file or folder"):
+        _indexer(settings, store, tiny_encoder).run([Path("/definitely/not/here")])
+    assert store.counts()["indexed"] == 0
+
+
+def test_indexing_works_on_every_supported_database(
+    any_store_url: str, settings: Settings, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    store = Store(any_store_url)
+    try:
+        first = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+        photos[0].unlink()
+        second = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+        assert (first.added, second.removed, second.embedded, second.index_count) == (24, 1, 0, 23)
+    finally:
+        store.close()

@@ -1,0 +1,112 @@
+"""The metadata store on SQLite and PostgreSQL: rows, vectors, statuses, schema version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.errors import NotFound, StoreError
+from app.store import SCHEMA_VERSION, ImageResult, ImageStatus, Store
+
+
+def _result(path: str, sha: str, vector: np.ndarray | None, status: ImageStatus = ImageStatus.INDEXED) -> ImageResult:
+    return ImageResult(
+        path=path,
+        size=123,
+        mtime=1700000000.25,
+        sha256=sha,
+        status=status,
+        width=640 if vector is not None else None,
+        height=480 if vector is not None else None,
+        format="JPEG" if vector is not None else None,
+        error=None if vector is not None else "corrupt image data",
+        vector=vector,
+    )
+
+
+def test_rows_and_vectors_round_trip(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        v = np.linspace(-1, 1, 16, dtype=np.float32)
+        ids = store.save_results(
+            [_result("/p/a.jpg", "a" * 64, v), _result("/p/b.jpg", "b" * 64, None, ImageStatus.FAILED)], "m1"
+        )
+        assert store.schema_version() == SCHEMA_VERSION
+        np.testing.assert_array_equal(store.vector(ids["/p/a.jpg"]), v)
+        record = store.get(ids["/p/a.jpg"])
+        assert (record.path, record.width, record.height, record.format) == ("/p/a.jpg", 640, 480, "JPEG")
+        states = store.file_states()
+        assert states["/p/a.jpg"].mtime == 1700000000.25 and states["/p/b.jpg"].status == "failed"
+        assert store.counts() == {"indexed": 1, "failed": 1, "deleted": 0}
+        assert store.failures() == [("/p/b.jpg", "corrupt image data")]
+        assert store.count_indexed("m1") == 1 and store.count_indexed("m2") == 0
+    finally:
+        store.close()
+
+
+def test_saving_a_path_again_updates_the_same_row(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        first = store.save_results([_result("/p/a.jpg", "a" * 64, np.ones(4, np.float32))], "m")
+        second = store.save_results([_result("/p/a.jpg", "c" * 64, np.zeros(4, np.float32))], "m")
+        assert first == second
+        assert store.counts()["indexed"] == 1
+        np.testing.assert_array_equal(store.vector(first["/p/a.jpg"]), np.zeros(4))
+    finally:
+        store.close()
+
+
+def test_reuse_by_content_finds_deleted_rows_but_only_for_the_same_model(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        ids = store.save_results([_result("/p/old.jpg", "f" * 64, np.full(4, 0.5, np.float32))], "m")
+        store.mark_deleted(ids.values())
+        assert store.embedded_shas("m") == {"f" * 64}
+        found = store.reusable_by_sha(["f" * 64, "0" * 64], "m")
+        assert set(found) == {"f" * 64} and found["f" * 64].width == 640
+        assert store.reusable_by_sha(["f" * 64], "other-model") == {}
+        assert store.counts()["deleted"] == 1 and store.count_indexed("m") == 0
+    finally:
+        store.close()
+
+
+def test_iter_vectors_pages_through_indexed_rows_only(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        rng = np.random.default_rng(0)
+        results = [_result(f"/p/{i}.jpg", f"{i:064d}", rng.random(8).astype(np.float32)) for i in range(25)]
+        ids = store.save_results(results, "m")
+        store.mark_deleted([ids["/p/3.jpg"]])
+        chunks = list(store.iter_vectors("m", chunk=10))
+        assert [len(c[0]) for c in chunks] == [10, 10, 4]
+        all_ids = np.concatenate([c[0] for c in chunks])
+        assert ids["/p/3.jpg"] not in all_ids and len(set(all_ids)) == 24
+    finally:
+        store.close()
+
+
+def test_unknown_id_is_not_found(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        with pytest.raises(NotFound):
+            store.get(424242)
+        with pytest.raises(NotFound):
+            store.vector(424242)
+    finally:
+        store.close()
+
+
+def test_newer_schema_is_refused(any_store_url: str) -> None:
+    from sqlalchemy import text
+
+    store = Store(any_store_url)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE clipsearch_meta SET value = '999' WHERE key = 'schema_version'"))
+    store.close()
+    with pytest.raises(StoreError, match="upgrade clipsearch"):
+        Store(any_store_url)
+
+
+def test_unreachable_database_gives_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="cannot open the metadata store"):
+        Store("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
