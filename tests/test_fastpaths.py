@@ -1,0 +1,53 @@
+"""Fast paths give the reference results: truncated text encoding vs open_clip's full 77-token pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.encoder import Encoder, ModelSpec
+
+QUERIES = [
+    "dog",
+    "a photo of a leopard",
+    "a red bicycle leaning on a wall",
+    "two people walking on a beach at sunset holding a bright yellow kite",
+    "",
+    "café Straße 東京 🚲",
+    "word " * 100,  # longer than the context: truncated by the tokenizer, EOT at the last position
+]
+
+
+def _assert_same_as_full(encoder: Encoder) -> None:
+    assert encoder.supports_truncated_text
+    full = encoder.encode_texts(QUERIES, truncate=False)
+    fast = encoder.encode_texts(QUERIES)
+    assert np.abs(full - fast).max() <= 1e-5
+    for query in QUERIES[:4]:  # alone, each query is cut at its own length
+        single = encoder.encode_texts([query])
+        assert np.abs(single - encoder.encode_texts([query], truncate=False)).max() <= 1e-5
+
+
+def test_truncated_text_equals_full_encode_tiny(tiny_encoder: Encoder) -> None:
+    _assert_same_as_full(tiny_encoder)
+
+
+def test_truncated_text_equals_full_encode_trained_model(instrument_encoder: Encoder) -> None:
+    _assert_same_as_full(instrument_encoder)
+
+
+@pytest.mark.slow
+def test_truncated_text_equals_full_encode_vit_b_32_random_weights() -> None:
+    torch.manual_seed(0)
+    _assert_same_as_full(Encoder(ModelSpec("ViT-B-32", ""), torch.device("cpu")))
+
+
+def test_towers_without_a_causal_mask_fall_back_to_the_full_pass(tiny_encoder: Encoder) -> None:
+    mask = tiny_encoder.model.attn_mask
+    try:
+        tiny_encoder.model.attn_mask = None  # what a bidirectional (HF-style) tower looks like
+        assert not tiny_encoder.supports_truncated_text
+    finally:
+        tiny_encoder.model.attn_mask = mask
+    assert tiny_encoder.supports_truncated_text
