@@ -1,24 +1,59 @@
-"""SearchService: text, image and "more like this" queries over the index. No HTTP, no CLI here."""
+"""SearchService: text, image and "more like this" queries over the index. No HTTP, no CLI here.
+
+Besides the one-shot queries the CLI uses (``search_text``, ``similar``...), the service answers paged
+queries (``query``, ``query_image_bytes``, ``similar_page``): weighted text terms with negatives, optionally
+combined with an indexed image, cut by ``min_score`` and metadata filters, sorted by relevance or date.
+It picks up a newer index written by the indexer on its own (``maybe_refresh``), without failing queries.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import threading
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.encoder import Encoder, ModelSpec
-from app.errors import BadQuery, NotFound, NotReady
+from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image
-from app.index import Manifest, VectorIndex, read_manifest
-from app.store import Store
+from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
+from app.store import ImageRecord, ImageStatus, Store
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+MAX_TERMS = 16
+MAX_WEIGHT = 100.0
+MAX_TERM_CHARS = 1000
+
+SortOrder = Literal["relevance", "date"]
+
+# A trailing ":number" is the weight of a term ("beach:0.5", "people:-1").
+_WEIGHT_SUFFIX = re.compile(r"^(?P<text>.*?)\s*:\s*(?P<weight>[+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$", re.DOTALL)
+
+# What a format filter may name, and the PIL format names each stands for (MPO is a camera JPEG).
+FORMAT_ALIASES: dict[str, frozenset[str]] = {
+    "jpeg": frozenset({"JPEG", "MPO"}),
+    "jpg": frozenset({"JPEG", "MPO"}),
+    "png": frozenset({"PNG"}),
+    "webp": frozenset({"WEBP"}),
+    "gif": frozenset({"GIF"}),
+    "bmp": frozenset({"BMP"}),
+    "tiff": frozenset({"TIFF"}),
+    "tif": frozenset({"TIFF"}),
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +63,231 @@ class Hit:
     score: float
     width: int | None
     height: int | None
+
+
+# --- query terms ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    """One text term of a query and its weight (negative: show fewer images like this)."""
+
+    text: str
+    weight: float = 1.0
+
+
+def parse_term(raw: str) -> Term:
+    """``"beach"`` -> +1, ``"-people"`` -> -1, ``"sunset:0.5"`` -> 0.5, ``"-dog:2"`` -> -2."""
+    if len(raw) > MAX_TERM_CHARS:
+        raise BadQuery(f"a query term is longer than {MAX_TERM_CHARS} characters: shorten it")
+    text = raw.strip()
+    sign = 1.0
+    if text[:1] in ("-", "+"):
+        sign = -1.0 if text[0] == "-" else 1.0
+        text = text[1:].strip()
+    weight = 1.0
+    match = _WEIGHT_SUFFIX.match(text)
+    if match and match.group("text").strip():
+        text, weight = match.group("text").strip(), float(match.group("weight"))
+    if not text:
+        raise BadQuery(f"the query term {raw!r} has no words: type a few words describing the picture")
+    if weight == 0 or not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise BadQuery(f"the weight of {text!r} must be a non-zero number between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return Term(text=" ".join(text.split()), weight=sign * weight)
+
+
+def parse_terms(raw_terms: Iterable[str]) -> list[Term]:
+    raw = list(raw_terms)
+    if len(raw) > MAX_TERMS:
+        raise BadQuery(f"a query has at most {MAX_TERMS} terms, got {len(raw)}: combine some of them")
+    if any(not r.strip() for r in raw):
+        raise BadQuery("a query term is empty: type a few words describing the picture")
+    return [parse_term(r) for r in raw]
+
+
+def combine(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """The unit vector of the weighted sum of unit vectors: the query of a multi-term search."""
+    if not vectors:
+        raise BadQuery("give some query text (q) or an image (image_id)")
+    if not any(w > 0 for w in weights):
+        raise BadQuery(
+            "a query needs at least one positive term: '-people' alone says only what to avoid; "
+            "add what you want to see, e.g. q=beach&q=-people"
+        )
+    total = np.zeros_like(vectors[0], dtype=np.float32)
+    for vector, weight in zip(vectors, weights, strict=True):
+        total += np.float32(weight) * vector
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise BadQuery("the query terms cancel each other out: change a weight or drop a negative term")
+    return (total / norm).astype(np.float32)
+
+
+# --- filters, paging and results -----------------------------------------------------------------
+
+
+def parse_formats(value: str | None) -> frozenset[str]:
+    """``"jpg,png"`` -> the PIL format names to keep; empty for no format filter."""
+    if not value:
+        return frozenset()
+    names: set[str] = set()
+    for part in value.split(","):
+        key = part.strip().lower().lstrip(".")
+        if not key:
+            continue
+        if key not in FORMAT_ALIASES:
+            known = ", ".join(sorted(FORMAT_ALIASES))
+            raise BadQuery(f"unknown image format {part.strip()!r}: use one or more of {known}, comma-separated")
+        names |= FORMAT_ALIASES[key]
+    return frozenset(names)
+
+
+def to_timestamp(value: datetime | None) -> float | None:
+    """A datetime as a POSIX timestamp; a naive one is taken as UTC."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Metadata conditions a hit must meet. ``prefix`` is a plain prefix of the stored absolute path."""
+
+    prefix: str | None = None
+    formats: frozenset[str] = frozenset()
+    min_width: int | None = None
+    min_height: int | None = None
+    modified_after: float | None = None
+    modified_before: float | None = None
+
+    def __post_init__(self) -> None:
+        after, before = self.modified_after, self.modified_before
+        if after is not None and before is not None and after > before:
+            raise BadQuery("modified_after is later than modified_before: swap them or drop one")
+
+    @property
+    def active(self) -> bool:
+        return any(
+            v not in (None, "", frozenset())
+            for v in (
+                self.prefix,
+                self.formats,
+                self.min_width,
+                self.min_height,
+                self.modified_after,
+                self.modified_before,
+            )
+        )
+
+    def accepts(self, record: ImageRecord) -> bool:
+        if self.prefix and not record.path.startswith(self.prefix):
+            return False
+        if self.formats and (record.format or "").upper() not in self.formats:
+            return False
+        if self.min_width is not None and (record.width or 0) < self.min_width:
+            return False
+        if self.min_height is not None and (record.height or 0) < self.min_height:
+            return False
+        if self.modified_after is not None and record.mtime < self.modified_after:
+            return False
+        return not (self.modified_before is not None and record.mtime > self.modified_before)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Which slice of the ranked hits to return, and how they are cut and ordered."""
+
+    k: int = 20
+    offset: int = 0
+    min_score: float | None = None
+    sort: SortOrder = "relevance"
+    filters: Filters = field(default_factory=Filters)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise BadQuery(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if self.offset < 0:
+            raise BadQuery(f"offset must be 0 or more, got {self.offset}")
+        if self.sort not in ("relevance", "date"):
+            raise BadQuery(f"sort must be 'relevance' or 'date', got {self.sort!r}")
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """One page of hits, with how many hits pass the cut-off and filters in all (``total``)."""
+
+    hits: list[Hit]
+    total: int
+    offset: int
+    k: int
+    took_ms: float
+    #: seconds in the model (0 when every embedding came from the cache, or for "more like this")
+    encode_seconds: float
+    #: seconds in the index search, filtering and metadata look-up
+    search_seconds: float
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str | None
+    manifest: Manifest | None
+    #: images the store holds as indexed with this model (0 when not ready)
+    images: int = 0
+
+
+def rank(
+    candidates: Sequence[tuple[int, float]],
+    records: dict[int, ImageRecord],
+    options: SearchOptions,
+) -> list[tuple[int, float, ImageRecord]]:
+    """Apply the score cut-off, the filters and the sort order to (id, score) candidates (pure)."""
+    kept = [
+        (i, s, records[i])
+        for i, s in candidates
+        if i in records
+        and (options.min_score is None or s >= options.min_score)
+        and options.filters.accepts(records[i])
+    ]
+    if options.sort == "date":
+        kept.sort(key=lambda t: (-t[2].mtime, -t[1], t[0]))
+    else:
+        kept.sort(key=lambda t: (-t[1], t[0]))
+    return kept
+
+
+class _LRU:
+    """A small thread-safe LRU map of text -> embedding."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        value.flags.writeable = False
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class SearchService:
@@ -41,12 +301,22 @@ class SearchService:
         self._index: VectorIndex | None = None
         self._manifest: Manifest | None = None
         self._swap_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._manifest_seen: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self._problem: str | None = None
+        self.text_cache = _LRU(settings.text_cache_size)
 
     # --- index lifecycle -------------------------------------------------------------------------
 
     @property
     def manifest(self) -> Manifest | None:
         return self._manifest
+
+    @property
+    def index_count(self) -> int:
+        index = self._index
+        return index.ntotal if index is not None else 0
 
     def load_index(self) -> Manifest:
         """Load (or reload) the index from the data dir. Raises NotReady / IndexMismatch."""
@@ -58,6 +328,7 @@ class SearchService:
                 raise NotReady(f"the index has {manifest.dim}-d vectors but the model gives {self.encoder.dim}-d")
             # Swap references in one step: a query already running keeps the index it started with.
             self._index, self._manifest = index, manifest
+            self._problem = None
             log.info("loaded index %s with %d vectors", manifest.index_file, manifest.count)
             return manifest
 
@@ -72,27 +343,125 @@ class SearchService:
         self.load_index()
         return True
 
+    def start(self) -> Readiness:
+        """Load the index if there is one; otherwise remember why not (queries answer NotReady)."""
+        self._manifest_seen = self._manifest_signature()
+        self._next_check = time.monotonic() + self.settings.index_check_seconds
+        try:
+            self.load_index()
+        except ClipSearchError as exc:
+            self._problem = str(exc)
+            log.warning("the service starts without an index: %s", exc)
+        return self.readiness(refresh=False)
+
+    def maybe_refresh(self) -> bool:
+        """Swap in a newer index when the manifest changed, checking at most every index_check_seconds.
+
+        Cheap on the common path (a clock read; a stat when due). One caller reloads while the others
+        carry on with the index they have; a failed reload keeps the current index and is logged.
+        """
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        if not self._refresh_lock.acquire(blocking=False):
+            return False
+        try:
+            self._next_check = now + self.settings.index_check_seconds
+            signature = self._manifest_signature()
+            if signature == self._manifest_seen:
+                return False
+            self._manifest_seen = signature
+            try:
+                return self.refresh_if_changed()
+            except ClipSearchError as exc:
+                self._problem = str(exc)
+                log.warning("keeping the current index: the new one could not be loaded: %s", exc)
+                return False
+        finally:
+            self._refresh_lock.release()
+
+    def reload(self) -> Manifest:
+        """Load the index on disk now, whatever the manifest check says."""
+        with self._refresh_lock:
+            self._manifest_seen = self._manifest_signature()
+            try:
+                return self.load_index()
+            except ClipSearchError as exc:
+                self._problem = str(exc)
+                raise
+
+    def readiness(self, *, refresh: bool = True) -> Readiness:
+        if refresh:
+            self.maybe_refresh()
+        if self._index is None:
+            reason = self._problem or "no index loaded yet: run 'clipsearch index PATH' first"
+            return Readiness(False, reason, None)
+        try:
+            images = self.store.count_indexed(self.spec.name)
+        except SQLAlchemyError as exc:
+            return Readiness(False, f"the metadata store is unreachable ({self.store.safe_url}): {exc}", None)
+        return Readiness(True, None, self._manifest, images)
+
+    def _manifest_signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.settings.index_dir / MANIFEST_FILE)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _require_index(self) -> VectorIndex:
         index = self._index
         if index is None:
-            raise NotReady("no index loaded yet: run 'clipsearch index PATH' first")
+            raise NotReady(self._problem or "no index loaded yet: run 'clipsearch index PATH' first")
         return index
 
-    # --- queries ---------------------------------------------------------------------------------
+    # --- embeddings ------------------------------------------------------------------------------
 
     def embed_text(self, text: str) -> np.ndarray:
         text = text.strip()
         if not text:
             raise BadQuery("the query text is empty: type a few words describing the picture")
-        vector: np.ndarray = self.encoder.encode_texts([text])[0]
+        vector: np.ndarray = self.embed_texts([text])[0][0]
         return vector
 
-    def embed_image_bytes(self, data: bytes) -> np.ndarray:
+    def embed_texts(self, texts: Sequence[str]) -> tuple[list[np.ndarray], float]:
+        """Embeddings of ``texts`` (from the LRU cache where possible) and the seconds spent in the model."""
+        keys = [" ".join(t.split()) for t in texts]
+        found: dict[str, np.ndarray] = {}
+        for key in keys:
+            cached = self.text_cache.get(key)
+            if cached is not None:
+                found[key] = cached
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        seconds = 0.0
+        if missing:
+            started = time.perf_counter()
+            vectors = self.encoder.encode_texts(missing)
+            seconds = time.perf_counter() - started
+            for key, vector in zip(missing, vectors, strict=True):
+                vector = np.array(vector, dtype=np.float32)
+                self.text_cache.put(key, vector)
+                found[key] = vector
+        return [found[k] for k in keys], seconds
+
+    def embed_image_bytes(self, data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
         decoded = decode_image(
-            data, max_pixels=self.settings.max_image_pixels, draft_size=self.encoder.image_size * 2
+            data,
+            max_pixels=max_pixels or self.settings.max_image_pixels,
+            draft_size=self.encoder.image_size * 2,
         )
         vector: np.ndarray = self.encoder.encode_images([decoded.image])[0]
         return vector
+
+    def indexed_vector(self, image_id: int) -> np.ndarray:
+        """The vector of an indexed image; NotFound (saying why) for an id the index does not hold."""
+        vector = self._require_index().reconstruct(image_id)
+        if vector is None:
+            record = self.store.get(image_id)  # raises NotFound for unknown ids
+            raise NotFound(f"image {image_id} ({record.path}) is not in the index (status: {record.status})")
+        return vector
+
+    # --- one-shot queries (CLI) ------------------------------------------------------------------
 
     def search_text(self, text: str, k: int = 20) -> list[Hit]:
         return self.search_vector(self.embed_text(text), k)
@@ -105,12 +474,7 @@ class SearchService:
         return self.search_vector(self.embed_image_bytes(data), k)
 
     def similar(self, image_id: int, k: int = 20) -> list[Hit]:
-        index = self._require_index()
-        vector = index.reconstruct(image_id)
-        if vector is None:
-            record = self.store.get(image_id)  # raises NotFound for unknown ids
-            raise NotFound(f"image {image_id} ({record.path}) is not in the index (status: {record.status})")
-        return self.search_vector(vector, k, exclude={image_id})
+        return self.search_vector(self.indexed_vector(image_id), k, exclude={image_id})
 
     def search_vector(self, vector: np.ndarray, k: int, exclude: set[int] | None = None) -> list[Hit]:
         if not 1 <= k <= MAX_K:
@@ -126,6 +490,91 @@ class SearchService:
             for i, s in pairs
             if i in records
         ]
+
+    # --- paged queries (API) ---------------------------------------------------------------------
+
+    def query(
+        self, terms: Sequence[str] = (), *, image_id: int | None = None, options: SearchOptions | None = None
+    ) -> SearchPage:
+        """Weighted text terms (see ``parse_term``), optionally plus an indexed image (which is then
+        left out of the hits). Needs at least one of them."""
+        started = time.perf_counter()
+        self.maybe_refresh()
+        parsed = parse_terms(terms)
+        if not parsed and image_id is None:
+            raise BadQuery("give some query text (q) or an image (image_id), or both")
+        vectors, encode_seconds = self.embed_texts([t.text for t in parsed])
+        weights = [t.weight for t in parsed]
+        exclude: set[int] = set()
+        if image_id is not None:
+            vectors.append(self.indexed_vector(image_id))
+            weights.append(1.0)
+            exclude.add(image_id)
+        return self._page(combine(vectors, weights), options or SearchOptions(), exclude, started, encode_seconds)
+
+    def query_image_bytes(self, data: bytes, *, options: SearchOptions | None = None) -> SearchPage:
+        """Images like an uploaded picture; the bytes are decoded in memory and never stored."""
+        started = time.perf_counter()
+        self.maybe_refresh()
+        self._require_index()
+        max_pixels = min(self.settings.max_image_pixels, self.settings.max_upload_pixels)
+        encode_started = time.perf_counter()
+        vector = self.embed_image_bytes(data, max_pixels=max_pixels)
+        encode_seconds = time.perf_counter() - encode_started
+        return self._page(vector, options or SearchOptions(), set(), started, encode_seconds)
+
+    def similar_page(self, image_id: int, *, options: SearchOptions | None = None) -> SearchPage:
+        started = time.perf_counter()
+        self.maybe_refresh()
+        vector = self.indexed_vector(image_id)
+        return self._page(vector, options or SearchOptions(), {image_id}, started, 0.0)
+
+    def _page(
+        self, vector: np.ndarray, options: SearchOptions, exclude: set[int], started: float, encode_seconds: float
+    ) -> SearchPage:
+        search_started = time.perf_counter()
+        index = self._require_index()
+        depth = self.settings.search_max_candidates
+        scores, ids = index.search(vector[None, :], depth + len(exclude))
+        candidates = [
+            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and int(i) not in exclude
+        ]
+        candidates.sort(key=lambda c: (-c[1], c[0]))  # ties (copies of one photo) in a stable order
+        candidates = candidates[:depth]
+        if options.min_score is not None:
+            candidates = [c for c in candidates if c[1] >= options.min_score]
+        end = options.offset + options.k
+        if options.filters.active or options.sort == "date":
+            ranked = rank(candidates, self.store.get_many([i for i, _ in candidates]), options)
+            total, page = len(ranked), ranked[options.offset : end]
+        else:
+            # No metadata needed to count: read the rows of this page only.
+            total, window = len(candidates), candidates[options.offset : end]
+            page = rank(window, self.store.get_many([i for i, _ in window]), options)
+        hits = [Hit(id=i, path=r.path, score=s, width=r.width, height=r.height) for i, s, r in page]
+        now = time.perf_counter()
+        return SearchPage(
+            hits=hits,
+            total=total,
+            offset=options.offset,
+            k=options.k,
+            took_ms=(now - started) * 1000.0,
+            encode_seconds=encode_seconds,
+            search_seconds=now - search_started,
+        )
+
+    # --- images ----------------------------------------------------------------------------------
+
+    def image_record(self, image_id: int) -> ImageRecord:
+        """The store row of an indexed image whose file is still there; NotFound otherwise."""
+        record = self.store.get(image_id)
+        if record.status != ImageStatus.INDEXED:
+            raise NotFound(f"image {image_id} is not in the catalog any more (status: {record.status})")
+        if not os.path.isfile(record.path):
+            raise NotFound(
+                f"the file of image {image_id} is gone from disk: run 'clipsearch index' again to update the catalog"
+            )
+        return record
 
 
 def open_service(settings: Settings, *, require_index: bool = True) -> SearchService:

@@ -1,0 +1,110 @@
+"""The FastAPI app factory. Settings come in as an argument; the model and index load in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from app.api import routes_admin, routes_health, routes_images, routes_search
+from app.api.errors import install_error_handlers
+from app.api.limits import MULTIPART_OVERHEAD_BYTES, UploadLimitMiddleware
+from app.api.metrics import Metrics, MetricsMiddleware
+from app.config import Settings
+from app.search import SearchService, open_service
+from app.thumbnails import ThumbnailCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
+
+DESCRIPTION = """
+Semantic search over your own photos with CLIP.
+
+* `GET /search?q=...` text to images, with query arithmetic (`q=beach&q=-people`, `q=sunset:0.5`, `image_id=`),
+  `min_score`, filters (`prefix`, `format`, `min_width`, `min_height`, `modified_after`, `modified_before`),
+  `sort=relevance|date` and pagination (`offset`, `k`).
+* `GET /similar/{id}`, `POST /search/image` (multipart field `file`): image to images.
+* `GET /images/{id}`, `GET /images/{id}/thumbnail?size=256`: the files, by id.
+* `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
+
+Errors are JSON `{"detail": "..."}`: 422 bad parameters, 404 unknown id, 413 upload too large, 415 not an image,
+503 not ready (no index yet, or still loading).
+"""
+
+
+def _version() -> str:
+    try:
+        return version("clipsearch")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own metrics registry; nothing loads until the lifespan starts."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Loading the model and reading the index block: do it on a worker thread.
+        service = await anyio.to_thread.run_sync(_open_service, settings)
+        app.state.service = service
+        metrics.track_index_size(lambda: service.index_count)
+        try:
+            yield
+        finally:
+            app.state.service = None
+            service.store.close()
+
+    app = FastAPI(title="clipsearch", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.thumbnails = ThumbnailCache(
+        settings.data_dir / "thumbnails",
+        settings.thumbnail_sizes,
+        quality=settings.thumbnail_quality,
+        max_pixels=settings.max_image_pixels,
+    )
+    install_error_handlers(app, settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "X-API-Key"],
+        )
+    app.add_middleware(UploadLimitMiddleware, paths={"/search/image"}, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    app.include_router(routes_health.router)
+    app.include_router(routes_search.router)
+    app.include_router(routes_search.upload_router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    app.include_router(routes_images.router)
+    app.include_router(routes_admin.router)
+    _mount_frontend(app, settings.frontend_dir or DEFAULT_FRONTEND_DIR)
+    return app
+
+
+def _open_service(settings: Settings) -> SearchService:
+    service = open_service(settings, require_index=False)
+    readiness = service.start()
+    if readiness.ready:
+        log.info("ready: %s, %d images", service.spec.label, service.index_count)
+    return service
+
+
+def _mount_frontend(app: FastAPI, folder: Path) -> None:
+    """The web UI at /, after the API routes so that they take precedence."""
+    if (folder / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=folder, html=True), name="frontend")
+    else:
+        log.info("no web UI: %s has no index.html", folder)

@@ -1,0 +1,99 @@
+"""Prometheus metrics, one registry per app so that tests can build many apps in one process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.search import SearchPage
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "clipsearch_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "clipsearch_http_requests",
+            "HTTP requests by route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.encode_seconds = Histogram(
+            "clipsearch_encode_seconds",
+            "Time in the model per query (text embeddings from the cache are not counted).",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.search_seconds = Histogram(
+            "clipsearch_search_seconds",
+            "Time in the index search, filters and metadata per query.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.index_size = Gauge(
+            "clipsearch_index_vectors", "Vectors in the index being served.", registry=self.registry
+        )
+
+    def track_index_size(self, count: Callable[[], float]) -> None:
+        self.index_size.set_function(count)
+
+    def observe_page(self, page: SearchPage, kind: str) -> None:
+        if page.encode_seconds > 0:
+            self.encode_seconds.labels(kind).observe(page.encode_seconds)
+        self.search_seconds.observe(page.search_seconds)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.request_seconds.labels(method, route).observe(seconds)
+        self.requests.labels(method, route, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Times every HTTP request and labels it with its route template ("/similar/{image_id}")."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.observe_request(scope["method"], _route_label(scope), status, time.perf_counter() - started)
+
+
+def _route_label(scope: Scope) -> str:
+    # The template, never the raw path: raw paths would make one time series per image id.
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "unmatched"
+    return path or "static"
