@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )
+    index_type: Literal["auto", "flat", "ivf-sq8"] = Field(
+        default="auto", description="auto: exact 'flat' below ivf_min_vectors, 'ivf-sq8' (approximate) above."
+    )
+    ivf_min_vectors: int = Field(default=200_000, ge=1, description="Catalog size from which auto picks IVF.")
+    nprobe: int = Field(default=32, ge=1, le=65536, description="IVF lists scanned per query (recall vs speed).")
 
     # --- web API (clipsearch serve) ---
     api_key: SecretStr | None = Field(

@@ -15,7 +15,27 @@ import numpy as np
 from app.errors import IndexMismatch, NotReady
 
 MANIFEST_FILE = "manifest.json"
-FLAT_IP = "IDMap2,Flat,IP"
+FLAT = "flat"
+IVF_SQ8 = "ivf-sq8"
+INDEX_KINDS = (FLAT, IVF_SQ8)
+
+
+def choose_kind(count: int, requested: str = "auto", ivf_min_vectors: int = 200_000) -> str:
+    """Exact search for small catalogs; IVF with 8-bit scalar quantisation beyond ``ivf_min_vectors``."""
+    if requested != "auto":
+        if requested not in INDEX_KINDS:
+            raise ValueError(f"unknown index type {requested!r}: use auto, {FLAT} or {IVF_SQ8}")
+        return requested
+    return IVF_SQ8 if count >= ivf_min_vectors else FLAT
+
+
+def nlist_for(count: int) -> int:
+    """Inverted lists for an IVF index: about 4 * sqrt(n), a power of two, with >= 39 training points each."""
+    target = 4 * int(np.sqrt(max(count, 1)))
+    nlist = 1 << max(4, int(np.log2(max(target, 16))))
+    while nlist > 16 and count < 39 * nlist:
+        nlist //= 2
+    return nlist
 
 
 @dataclass(frozen=True)
@@ -27,15 +47,62 @@ class Manifest:
     built_at: str
     index_type: str
     index_file: str
+    description: str = ""
     format_version: int = 1
 
 
 class VectorIndex:
-    """Inner-product search over unit vectors (so scores are cosine similarities)."""
+    """Inner-product search over unit vectors (so scores are cosine similarities), keyed by row id.
 
-    def __init__(self, dim: int, faiss_index: faiss.Index | None = None) -> None:
+    Two kinds: ``flat`` (exact, ``IndexIDMap2(IndexFlatIP)``) and ``ivf-sq8`` (``IndexIVFScalarQuantizer``
+    with 8-bit codes and a hash-table direct map, so ids can still be removed and reconstructed).
+    """
+
+    def __init__(self, dim: int, faiss_index: faiss.Index | None = None, *, nprobe: int = 32) -> None:
         self.dim = dim
         self._index = faiss_index if faiss_index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._ivf = _as_ivf(self._index)
+        if self._ivf is not None:
+            self._ivf.nprobe = nprobe
+
+    @classmethod
+    def create(cls, dim: int, kind: str, training: np.ndarray | None = None, *, nprobe: int = 32) -> VectorIndex:
+        """An empty index of ``kind``; IVF kinds are trained on ``training`` (a sample of the vectors)."""
+        if kind == FLAT:
+            return cls(dim)
+        if kind != IVF_SQ8:
+            raise ValueError(f"unknown index type {kind!r}")
+        if training is None or len(training) == 0:
+            raise ValueError("an IVF index needs training vectors")
+        nlist = nlist_for(len(training))
+        quantizer = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+        ivf.train(np.ascontiguousarray(training, dtype=np.float32))
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index = cls(dim, ivf, nprobe=nprobe)
+        index._quantizer = quantizer  # keep the Python object alive as long as the index
+        return index
+
+    @property
+    def kind(self) -> str:
+        return IVF_SQ8 if self._ivf is not None else FLAT
+
+    @property
+    def description(self) -> str:
+        if self._ivf is not None:
+            return f"IVF{self._ivf.nlist},SQ8,IP (nprobe {self._ivf.nprobe})"
+        return "IDMap2,Flat,IP"
+
+    @property
+    def nprobe(self) -> int | None:
+        return int(self._ivf.nprobe) if self._ivf is not None else None
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self._ivf is not None:
+            self._ivf.nprobe = int(value)
 
     @property
     def ntotal(self) -> int:
@@ -96,19 +163,25 @@ class VectorIndex:
             dim=self.dim,
             count=self.ntotal,
             built_at=now.isoformat(timespec="milliseconds"),
-            index_type=FLAT_IP,
+            index_type=self.kind,
             index_file=index_file,
+            description=self.description,
         )
         _atomic_write(directory / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2).encode())
         _prune_old_index_files(directory, keep={index_file})
         return manifest
 
     @classmethod
-    def load(cls, directory: Path, *, model: str, pretrained: str) -> tuple[VectorIndex, Manifest]:
+    def load(
+        cls, directory: Path, *, model: str, pretrained: str, nprobe: int = 32, mmap: bool = False
+    ) -> tuple[VectorIndex, Manifest]:
+        """Load the index named by the manifest. ``mmap`` maps the file instead of reading it (large
+        read-only indexes: pages are shared between processes and loaded on demand)."""
         manifest = read_manifest(directory)
         check_manifest(manifest, model=model, pretrained=pretrained)
+        path = str(directory / manifest.index_file)
         try:
-            index = faiss.read_index(str(directory / manifest.index_file))
+            index = _read_index(path, mmap)
         except RuntimeError as exc:
             raise IndexMismatch(
                 f"the index file in {directory} is unreadable ({exc}); rebuild it with 'clipsearch index --rebuild'"
@@ -117,7 +190,7 @@ class VectorIndex:
             raise IndexMismatch(
                 f"the index in {directory} does not match its manifest; rebuild it with 'clipsearch index --rebuild'"
             )
-        return cls(manifest.dim, index), manifest
+        return cls(manifest.dim, index, nprobe=nprobe), manifest
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -173,3 +246,19 @@ def _prune_old_index_files(directory: Path, keep: set[str]) -> None:
     old = sorted(p for p in directory.glob("index-*.faiss") if p.name not in keep)
     for stale in old[:-1]:
         stale.unlink(missing_ok=True)
+
+
+def _as_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _read_index(path: str, mmap: bool) -> faiss.Index:
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            pass  # this index type cannot be mapped: read it into memory
+    return faiss.read_index(path)

@@ -18,7 +18,7 @@ from app.config import Settings
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, sha256_bytes
-from app.index import VectorIndex
+from app.index import FLAT, VectorIndex, choose_kind
 from app.store import FileState, ImageResult, ImageStatus, Store
 from indexer.walk import FileInfo, is_under, scan
 
@@ -288,17 +288,25 @@ class Indexer:
     # --- the index -------------------------------------------------------------------------------
 
     def _update_index(self, touched: set[int], rebuild: bool) -> tuple[int, bool]:
-        """Apply this run's changes to the saved index; rebuild from the store when they disagree."""
+        """Apply this run's changes to the saved index; rebuild from the store when they disagree,
+        or when the catalog has grown past the size where another index type is chosen."""
         spec = self.encoder.spec
+        settings = self.settings
         index: VectorIndex | None = None
         if not rebuild:
             try:
-                index, _ = VectorIndex.load(self.settings.index_dir, model=spec.name, pretrained=spec.pretrained)
+                index, _ = VectorIndex.load(
+                    settings.index_dir, model=spec.name, pretrained=spec.pretrained, nprobe=settings.nprobe
+                )
             except (NotReady, IndexMismatch) as exc:
                 log.info("building the index from the store: %s", exc)
         expected = self.store.count_indexed(self.model_key)
+        wanted_kind = choose_kind(expected, settings.index_type, settings.ivf_min_vectors)
+        if index is not None and (index.dim != self.encoder.dim or index.kind != wanted_kind):
+            log.info("switching the index to %s for %d vectors", wanted_kind, expected)
+            index = None
         rebuilt = False
-        if index is not None and index.dim == self.encoder.dim:
+        if index is not None:
             ids = np.fromiter(touched, dtype=np.int64, count=len(touched))
             index.remove(ids)
             for chunk_ids, vectors in self._vectors_of(ids):
@@ -307,12 +315,26 @@ class Indexer:
                 log.warning("index and store disagree (%d vs %d): rebuilding", index.ntotal, expected)
                 index = None
         if index is None:
-            index, rebuilt = VectorIndex(self.encoder.dim), True
-            for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
-                index.add(chunk_ids, vectors)
+            index, rebuilt = self._build_from_store(wanted_kind, expected), True
         if touched or rebuilt:
-            index.save(self.settings.index_dir, model=spec.name, pretrained=spec.pretrained)
+            index.save(settings.index_dir, model=spec.name, pretrained=spec.pretrained)
         return index.ntotal, rebuilt
+
+    def _build_from_store(self, kind: str, expected: int) -> VectorIndex:
+        training = None
+        if kind != FLAT:
+            training = self._training_sample(expected)
+        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe)
+        for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
+            index.add(chunk_ids, vectors)
+        return index
+
+    def _training_sample(self, expected: int, size: int = 100_000) -> np.ndarray:
+        """A uniform random sample of the stored vectors (fixed seed) to train IVF centroids on."""
+        rng = np.random.default_rng(0)
+        keep = min(1.0, size / max(expected, 1))
+        parts = [vectors[rng.random(len(vectors)) < keep] for _, vectors in self.store.iter_vectors(self.model_key)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
 
     def _vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         wanted = set(int(i) for i in ids)

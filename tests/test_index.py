@@ -102,3 +102,33 @@ def test_corrupt_manifest_or_missing_file_asks_for_rebuild(tmp_path: Path) -> No
     (tmp_path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(IndexMismatch, match="--rebuild"):
         read_manifest(tmp_path)
+
+
+def test_index_kind_is_chosen_by_catalog_size() -> None:
+    from app.index import FLAT, IVF_SQ8, choose_kind
+
+    assert choose_kind(10, "auto", 1000) == FLAT and choose_kind(1000, "auto", 1000) == IVF_SQ8
+    assert choose_kind(10**7, "flat") == FLAT
+    with pytest.raises(ValueError, match="unknown index type"):
+        choose_kind(5, "hnsw")
+
+
+def test_ivf_sq8_index_finds_the_exact_neighbours_and_supports_removal(tmp_path: Path) -> None:
+    from app.index import IVF_SQ8
+
+    rng = np.random.default_rng(11)
+    vectors, queries = _unit(rng, 5000, 32), _unit(rng, 30, 32)
+    ids = np.arange(5000, dtype=np.int64) * 3
+    index = VectorIndex.create(32, IVF_SQ8, vectors, nprobe=10_000)  # every list: only quantisation differs
+    index.add(ids, vectors)
+    _, got = index.search(queries, 10)
+    exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact, strict=True)])
+    assert recall >= 0.9
+    assert index.remove(ids[:100]) == 100 and index.ntotal == 4900
+    np.testing.assert_allclose(index.reconstruct(int(ids[200])), vectors[200], atol=0.02)
+    assert index.reconstruct(int(ids[0])) is None
+    manifest = index.save(tmp_path, model="m", pretrained="")
+    loaded, _ = VectorIndex.load(tmp_path, model="m", pretrained="", nprobe=10_000, mmap=True)
+    assert manifest.index_type == IVF_SQ8 and loaded.kind == IVF_SQ8 and loaded.ntotal == 4900
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])

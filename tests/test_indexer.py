@@ -238,3 +238,17 @@ def test_indexing_works_on_every_supported_database(
         assert (first.added, second.removed, second.embedded, second.index_count) == (24, 1, 0, 23)
     finally:
         store.close()
+
+
+def test_growing_past_the_threshold_switches_to_an_ivf_index(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    small = settings.with_overrides(ivf_min_vectors=30, nprobe=64)
+    _indexer(small, store, tiny_encoder).run([photos[0].parent])
+    assert read_manifest(settings.index_dir).index_type == "flat"
+    for i in range(8):
+        shutil.copy(photos[i], photos[0].parent / f"extra-{i}.png")  # new paths, reused vectors
+    Image.open(photos[9]).save(photos[0].parent / "new.png")
+    summary = _indexer(small, store, tiny_encoder).run([photos[0].parent])
+    assert summary.index_rebuilt and read_manifest(settings.index_dir).index_type == "ivf-sq8"
+    assert _index_ids(small, tiny_encoder) == {s.id for s in store.file_states().values()}
