@@ -193,5 +193,19 @@ def stats(as_json: bool, show_failures: bool, **opts: Any) -> None:
         click.echo(f"failed:   {item['path']}: {item['reason']}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
+@settings_options
+@handle_errors
+def serve(host: str, port: int, **opts: Any) -> None:
+    """Run the search API and web UI under uvicorn."""
+    import uvicorn
+
+    from app.api import create_app
+
+    uvicorn.run(create_app(_settings(opts)), host=host, port=port, log_level="info")
+
+
 if __name__ == "__main__":
     main()

@@ -322,7 +322,10 @@ class SearchService:
         """Load (or reload) the index from the data dir. Raises NotReady / IndexMismatch."""
         with self._swap_lock:
             index, manifest = VectorIndex.load(
-                self.settings.index_dir, model=self.spec.name, pretrained=self.spec.pretrained
+                self.settings.index_dir,
+                model=self.spec.name,
+                pretrained=self.spec.pretrained,
+                nprobe=self.settings.nprobe,
             )
             if manifest.dim != self.encoder.dim:
                 raise NotReady(f"the index has {manifest.dim}-d vectors but the model gives {self.encoder.dim}-d")
