@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import (
@@ -20,7 +21,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -29,7 +32,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from app.errors import NotFound, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: columns added after version 1, in order: (version, table, column, SQL type)
+_MIGRATIONS = [
+    (2, "images", "phash", "BIGINT"),
+    (2, "images", "dhash", "BIGINT"),
+    (2, "images", "phash_mirror", "BIGINT"),
+    (2, "images", "dhash_mirror", "BIGINT"),
+]
+HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 
 
 class ImageStatus(enum.StrEnum):
@@ -68,6 +79,11 @@ class ImageRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(String(1024))
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # 64-bit perceptual hashes (stored signed; see hash_to_db), of the image and of its mirror image
+    phash: Mapped[int | None] = mapped_column(BigInteger)
+    dhash: Mapped[int | None] = mapped_column(BigInteger)
+    phash_mirror: Mapped[int | None] = mapped_column(BigInteger)
+    dhash_mirror: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -83,6 +99,7 @@ class FileState:
     sha256: str | None
     status: str
     model: str | None
+    has_hashes: bool = True
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,17 @@ class ImageResult:
     format: str | None = None
     error: str | None = None
     vector: np.ndarray | None = None
+    #: unsigned 64-bit perceptual hashes keyed by HASH_FIELDS, or None to leave the stored ones
+    hashes: dict[str, int] | None = None
+
+
+def hash_to_db(value: int) -> int:
+    """Unsigned 64-bit -> signed BIGINT (both databases store signed 64-bit integers)."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def hash_from_db(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -159,8 +187,18 @@ class Store:
                         f"the database has schema version {row.value}, newer than this clipsearch "
                         f"({SCHEMA_VERSION}): upgrade clipsearch"
                     )
+                elif int(row.value) < SCHEMA_VERSION:
+                    self._migrate(session, int(row.value))
+                    row.value = str(SCHEMA_VERSION)
         except OperationalError as exc:
             raise StoreError(f"cannot open the metadata store at {self.safe_url}: {exc.orig}") from exc
+
+    def _migrate(self, session: Any, from_version: int) -> None:
+        """Add the columns of later versions to an older database, in the same transaction."""
+        existing = {c["name"] for c in inspect(session.connection()).get_columns("images")}
+        for version, table, column, sql_type in _MIGRATIONS:
+            if version > from_version and column not in existing:
+                session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
     @property
     def safe_url(self) -> str:
@@ -186,6 +224,7 @@ class Store:
             ImageRow.sha256,
             ImageRow.status,
             ImageRow.model,
+            ImageRow.phash.is_not(None),
         )
         with self._sessions() as session:
             return {r.path: FileState(*r) for r in session.execute(stmt)}
@@ -207,15 +246,26 @@ class Store:
         with self._sessions() as session:
             for i in range(0, len(wanted), 500):
                 stmt = select(
-                    ImageRow.sha256, ImageRow.embedding, ImageRow.width, ImageRow.height, ImageRow.format
+                    ImageRow.sha256,
+                    ImageRow.embedding,
+                    ImageRow.width,
+                    ImageRow.height,
+                    ImageRow.format,
+                    ImageRow.phash,
+                    ImageRow.dhash,
+                    ImageRow.phash_mirror,
+                    ImageRow.dhash_mirror,
                 ).where(
                     ImageRow.sha256.in_(wanted[i : i + 500]),
                     ImageRow.model == model,
                     ImageRow.embedding.is_not(None),
                 )
-                for sha, blob, width, height, fmt in session.execute(stmt):
+                for sha, blob, width, height, fmt, *hashes in session.execute(stmt):
                     if sha is None or blob is None:
                         continue
+                    known = None
+                    if all(h is not None for h in hashes):
+                        known = {k: hash_from_db(h) for k, h in zip(HASH_FIELDS, hashes, strict=True)}
                     found.setdefault(
                         sha,
                         ImageResult(
@@ -228,6 +278,7 @@ class Store:
                             height=height,
                             format=fmt,
                             vector=bytes_to_vector(blob),
+                            hashes=known,
                         ),
                     )
         return found
@@ -281,6 +332,25 @@ class Store:
                         np.array([r.id for r in rows], dtype=np.int64),
                         np.stack([bytes_to_vector(r.embedding) for r in rows]),
                     )
+
+    def iter_hashes(self, chunk: int = 50_000) -> Iterator[tuple[int, dict[str, int]]]:
+        """(id, hashes) of every indexed image that has them, for the hash neighbour index."""
+        last_id = 0
+        cols = [getattr(ImageRow, k) for k in HASH_FIELDS]
+        with self._sessions() as session:
+            while True:
+                stmt = (
+                    select(ImageRow.id, *cols)
+                    .where(ImageRow.status == ImageStatus.INDEXED, ImageRow.phash.is_not(None), ImageRow.id > last_id)
+                    .order_by(ImageRow.id)
+                    .limit(chunk)
+                )
+                rows = session.execute(stmt).all()
+                if not rows:
+                    return
+                for image_id, *values in rows:
+                    yield image_id, {k: hash_from_db(v) for k, v in zip(HASH_FIELDS, values, strict=True)}
+                last_id = rows[-1][0]
 
     def vector(self, image_id: int) -> np.ndarray:
         with self._sessions() as session:
@@ -361,6 +431,12 @@ class Store:
                 elif result.status is ImageStatus.FAILED:
                     row.embedding = None
                     row.model = None
+                if result.hashes is not None:
+                    for key in HASH_FIELDS:
+                        setattr(row, key, hash_to_db(result.hashes[key]))
+                elif result.status is ImageStatus.FAILED:
+                    for key in HASH_FIELDS:
+                        setattr(row, key, None)
             session.flush()
             return {path: row.id for path, row in existing.items()}
 

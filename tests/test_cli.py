@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from app.cli import main
 from app.config import Settings
+from app.store import SCHEMA_VERSION
 
 
 def _args(settings: Settings) -> list[str]:
@@ -42,7 +43,7 @@ def test_index_then_search_then_stats(runner: CliRunner, settings: Settings, pho
 
     result = runner.invoke(main, ["stats", "--json", *_args(settings)])
     info = json.loads(result.output)
-    assert info["images"]["indexed"] == 24 and info["index"]["count"] == 24 and info["schema_version"] == 1
+    assert info["images"]["indexed"] == 24 and info["index"]["count"] == 24 and info["schema_version"] == SCHEMA_VERSION
 
 
 def test_environment_settings_apply_and_flags_override_them(

@@ -110,3 +110,36 @@ def test_newer_schema_is_refused(any_store_url: str) -> None:
 def test_unreachable_database_gives_a_clear_error() -> None:
     with pytest.raises(StoreError, match="cannot open the metadata store"):
         Store("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_version_1_database_is_migrated_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:  # the version 1 schema, as the first release wrote it
+        conn.execute(
+            text(
+                "CREATE TABLE images (id INTEGER PRIMARY KEY, path VARCHAR(4096) UNIQUE, sha256 VARCHAR(64), "
+                "size BIGINT, mtime FLOAT, width INTEGER, height INTEGER, format VARCHAR(16), status VARCHAR(16), "
+                "error TEXT, model VARCHAR(1024), embedding BLOB, created_at DATETIME, updated_at DATETIME)"
+            )
+        )
+        conn.execute(text("CREATE TABLE clipsearch_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)"))
+        conn.execute(text("INSERT INTO clipsearch_meta VALUES ('schema_version', '1')"))
+        conn.execute(
+            text(
+                "INSERT INTO images (path, sha256, size, mtime, status, model, embedding) "
+                "VALUES ('/old.jpg', 'ab', 1, 2.0, 'indexed', 'm', :e)"
+            ),
+            {"e": np.ones(4, dtype="<f4").tobytes()},
+        )
+    engine.dispose()
+    store = Store(url)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        state = store.file_states()["/old.jpg"]
+        assert state.status == "indexed" and not state.has_hashes
+        np.testing.assert_array_equal(store.vector(state.id), np.ones(4))
+    finally:
+        store.close()
