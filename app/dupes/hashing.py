@@ -1,0 +1,206 @@
+"""Perceptual hashes (pHash, dHash; of the image and of its mirror image) and a Hamming-radius index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import faiss
+import imagehash
+import numpy as np
+from PIL import Image
+
+HASH_BITS = 64
+HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
+# Hashing reads a 32x32 (pHash) or 9x8 (dHash) grey version: shrinking big photos first with a cheap box
+# filter changes a hash by 0-2 bits and makes it ~50x faster on a 12 MP photo.
+_HASH_INPUT_MAX_SIDE = 1024
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits between two (unsigned) hashes."""
+    return (int(a) ^ int(b)).bit_count()
+
+
+def _to_int(value: imagehash.ImageHash) -> int:
+    bits = np.asarray(value.hash, dtype=bool).ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _hash_input(image: Image.Image) -> Image.Image:
+    longest = max(image.size)
+    if longest > _HASH_INPUT_MAX_SIDE:
+        image = image.reduce(-(-longest // _HASH_INPUT_MAX_SIDE))
+    return image.convert("L")
+
+
+@dataclass(frozen=True)
+class ImageHashes:
+    """64-bit pHash and dHash of an image and of its horizontal mirror image, as unsigned ints.
+
+    ``dataclasses.asdict`` gives the store's column names (``HASH_FIELDS``).
+    """
+
+    phash: int
+    dhash: int
+    phash_mirror: int
+    dhash_mirror: int
+
+    @classmethod
+    def of(cls, image: Image.Image) -> ImageHashes:
+        grey = _hash_input(image)
+        mirror = grey.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return cls(
+            phash=_to_int(imagehash.phash(grey)),
+            dhash=_to_int(imagehash.dhash(grey)),
+            phash_mirror=_to_int(imagehash.phash(mirror)),
+            dhash_mirror=_to_int(imagehash.dhash(mirror)),
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, int]) -> ImageHashes:
+        return cls(**{k: int(values[k]) for k in HASH_FIELDS})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def distances(self, other: ImageHashes) -> HashDistances:
+        """Distances from this image (the query) to ``other``, directly and with this image mirrored."""
+        return HashDistances(
+            phash=hamming(self.phash, other.phash),
+            dhash=hamming(self.dhash, other.dhash),
+            phash_mirror=hamming(self.phash_mirror, other.phash),
+            dhash_mirror=hamming(self.dhash_mirror, other.dhash),
+        )
+
+
+@dataclass(frozen=True)
+class HashDistances:
+    """Hamming distances query -> candidate; ``*_mirror``: the query's mirror image against the candidate."""
+
+    phash: int
+    dhash: int
+    phash_mirror: int
+    dhash_mirror: int
+
+    @property
+    def mirrored(self) -> bool:
+        """True when the mirror image is the closer one (a flipped copy)."""
+        return self.phash_mirror + self.dhash_mirror < self.phash + self.dhash
+
+    @property
+    def best_phash(self) -> int:
+        return self.phash_mirror if self.mirrored else self.phash
+
+    @property
+    def best_dhash(self) -> int:
+        return self.dhash_mirror if self.mirrored else self.dhash
+
+
+def pack_hashes(values: Sequence[int]) -> np.ndarray:
+    """Unsigned 64-bit hashes -> (n, 8) uint8 codes for a FAISS binary index (big-endian bit order)."""
+    out = np.empty((len(values), HASH_BITS // 8), dtype=np.uint8)
+    for row, value in enumerate(values):
+        out[row] = np.frombuffer(int(value).to_bytes(HASH_BITS // 8, "big"), dtype=np.uint8)
+    return out
+
+
+@dataclass(frozen=True)
+class HashNeighbour:
+    """A catalog image near the query by pHash or dHash, with the distances of the closer orientation."""
+
+    id: int
+    distances: HashDistances
+
+    @property
+    def phash_distance(self) -> int:
+        return self.distances.best_phash
+
+    @property
+    def dhash_distance(self) -> int:
+        return self.distances.best_dhash
+
+    @property
+    def mirrored(self) -> bool:
+        return self.distances.mirrored
+
+
+class HashIndex:
+    """Exact Hamming search over the pHash and dHash of a catalog (FAISS binary flat indexes, 64 bits).
+
+    Only the catalog images' own hashes are indexed; queries are run with both the query's hashes and those
+    of its mirror image, so a flipped copy is found at the distance of an unflipped one.
+    """
+
+    def __init__(self) -> None:
+        self._phash = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(HASH_BITS))
+        self._dhash = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(HASH_BITS))
+        self._hashes: dict[int, ImageHashes] = {}
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._hashes
+
+    def add(self, ids: Sequence[int], hashes: Sequence[ImageHashes]) -> None:
+        """Add (or replace) images by id."""
+        if len(ids) != len(hashes):
+            raise ValueError(f"{len(ids)} ids but {len(hashes)} hashes")
+        known = [int(i) for i in ids if int(i) in self._hashes]
+        if known:
+            self.remove(known)
+        if not ids:
+            return
+        labels = np.asarray(ids, dtype=np.int64)
+        self._phash.add_with_ids(pack_hashes([h.phash for h in hashes]), labels)
+        self._dhash.add_with_ids(pack_hashes([h.dhash for h in hashes]), labels)
+        self._hashes.update(zip(labels.tolist(), hashes, strict=True))
+
+    def remove(self, ids: Sequence[int]) -> int:
+        present = [int(i) for i in ids if int(i) in self._hashes]
+        if not present:
+            return 0
+        selector = np.asarray(present, dtype=np.int64)
+        self._phash.remove_ids(selector)
+        self._dhash.remove_ids(selector)
+        for image_id in present:
+            del self._hashes[image_id]
+        return len(present)
+
+    def get(self, image_id: int) -> ImageHashes | None:
+        return self._hashes.get(int(image_id))
+
+    def range_search(self, query: ImageHashes, radius: int) -> list[HashNeighbour]:
+        """Every image whose pHash or dHash is within ``radius`` bits of the query's (either orientation).
+
+        Sorted by the summed pHash + dHash distance of the closer orientation, then id.
+        """
+        if not self._hashes or radius < 0:
+            return []
+        found: set[int] = set()
+        for index, codes in (
+            (self._phash, (query.phash, query.phash_mirror)),
+            (self._dhash, (query.dhash, query.dhash_mirror)),
+        ):
+            # FAISS returns distances strictly below the radius it is given.
+            _, _, labels = index.range_search(pack_hashes(codes), radius + 1)
+            found.update(int(label) for label in labels)
+        return self._sorted(found, query)
+
+    def search(self, query: ImageHashes, k: int) -> list[HashNeighbour]:
+        """The ``k`` images nearest by pHash (either orientation of the query)."""
+        if not self._hashes or k <= 0:
+            return []
+        k = min(k, len(self._hashes))
+        _, labels = self._phash.search(pack_hashes((query.phash, query.phash_mirror)), k)
+        found = {int(label) for label in labels.ravel() if label >= 0}
+        ranked = sorted(
+            (HashNeighbour(i, query.distances(self._hashes[i])) for i in found),
+            key=lambda n: (n.phash_distance, n.dhash_distance, n.id),
+        )
+        return ranked[:k]
+
+    def _sorted(self, ids: set[int], query: ImageHashes) -> list[HashNeighbour]:
+        neighbours = [HashNeighbour(i, query.distances(self._hashes[i])) for i in ids]
+        return sorted(neighbours, key=lambda n: (n.phash_distance + n.dhash_distance, n.id))
