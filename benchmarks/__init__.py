@@ -1,0 +1,1 @@
+"""On-demand benchmarks: ``python -m benchmarks.<name>``; each writes benchmarks/results/<name>.json and .md."""

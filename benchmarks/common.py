@@ -1,0 +1,155 @@
+"""Shared by every benchmark: what machine it ran on, and writing the results (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+VERSIONED = (
+    "torch",
+    "open_clip_torch",
+    "faiss-cpu",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "imagehash",
+    "sqlalchemy",
+    "fastapi",
+)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def gpu_names() -> list[str]:
+    """GPUs as nvidia-smi lists them (without importing torch); empty when there are none."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def library_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    """The facts a reader needs to compare runs: CPU, cores, GPU, load, date, versions, commit."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "gpu": gpu_names() or None,
+        "load_average": load,
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "versions": library_versions(),
+    }
+
+
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    load = "/".join(str(x) for x in machine["load_average"]) or "n/a"
+    return [
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {', '.join(machine['gpu'] or ['none'])}",
+        f"- Load average (1/5/15 min) at the end: {load}",
+        f"- Date: {machine['date']}, commit {machine['commit'] or 'unknown'}",
+        f"- Versions: {versions}",
+    ]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(
+    name: str, data: dict[str, Any], table: str, *, notes: str = "", results_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """Write results/<name>.json (machine + data) and results/<name>.md (machine, table, notes); print the table.
+
+    Returns the two paths.
+    """
+    folder = results_dir or RESULTS_DIR
+    machine = machine_info()
+    payload = {"benchmark": name, "machine": machine, **data}
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    _atomic_write(json_path, json.dumps(payload, indent=2, default=str) + "\n")
+    parts = [f"# Benchmark: {name}", "", *machine_lines(machine), "", table.rstrip()]
+    if notes:
+        parts += ["", notes.rstrip()]
+    _atomic_write(md_path, "\n".join(parts) + "\n")
+    print(table.rstrip())
+    if notes:
+        print()
+        print(notes.rstrip())
+    print(f"\nwrote {json_path} and {md_path}")
+    return json_path, md_path
