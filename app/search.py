@@ -37,6 +37,7 @@ MAX_K = 1000
 MAX_TERMS = 16
 MAX_WEIGHT = 100.0
 MAX_TERM_CHARS = 1000
+RECORD_CACHE_SIZE = 100_000
 
 SortOrder = Literal["relevance", "date"]
 
@@ -290,6 +291,41 @@ class _LRU:
         return len(self._items)
 
 
+class _RecordCache:
+    """Store rows of recent hits, so that filtering a thousand candidates needs no database round trip.
+
+    Cleared whenever another index is swapped in: the indexer writes a new index after every change to
+    the store, so the rows cached for one index stay those of its images.
+    """
+
+    def __init__(self, store: Store, capacity: int = RECORD_CACHE_SIZE) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._rows: OrderedDict[int, ImageRecord] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        found: dict[int, ImageRecord] = {}
+        with self._lock:
+            for i in ids:
+                row = self._rows.get(i)
+                if row is not None:
+                    found[i] = row
+        missing = [i for i in ids if i not in found]
+        if missing:
+            fetched = self.store.get_many(missing)
+            found.update(fetched)
+            with self._lock:
+                self._rows.update(fetched)
+                while len(self._rows) > self.capacity:
+                    self._rows.popitem(last=False)
+        return found
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
 class SearchService:
     """Answers queries from the current index; picks up a newer index written by the indexer."""
 
@@ -306,6 +342,7 @@ class SearchService:
         self._next_check = 0.0
         self._problem: str | None = None
         self.text_cache = _LRU(settings.text_cache_size)
+        self.records = _RecordCache(store)
 
     # --- index lifecycle -------------------------------------------------------------------------
 
@@ -331,6 +368,7 @@ class SearchService:
                 raise NotReady(f"the index has {manifest.dim}-d vectors but the model gives {self.encoder.dim}-d")
             # Swap references in one step: a query already running keeps the index it started with.
             self._index, self._manifest = index, manifest
+            self.records.clear()
             self._problem = None
             log.info("loaded index %s with %d vectors", manifest.index_file, manifest.count)
             return manifest
@@ -548,12 +586,12 @@ class SearchService:
             candidates = [c for c in candidates if c[1] >= options.min_score]
         end = options.offset + options.k
         if options.filters.active or options.sort == "date":
-            ranked = rank(candidates, self.store.get_many([i for i, _ in candidates]), options)
+            ranked = rank(candidates, self.records.get_many([i for i, _ in candidates]), options)
             total, page = len(ranked), ranked[options.offset : end]
         else:
             # No metadata needed to count: read the rows of this page only.
             total, window = len(candidates), candidates[options.offset : end]
-            page = rank(window, self.store.get_many([i for i, _ in window]), options)
+            page = rank(window, self.records.get_many([i for i, _ in window]), options)
         hits = [Hit(id=i, path=r.path, score=s, width=r.width, height=r.height) for i, s, r in page]
         now = time.perf_counter()
         return SearchPage(
