@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.api import create_app
 from app.config import Settings
@@ -125,3 +126,25 @@ def test_an_unreadable_new_manifest_keeps_the_current_index(
         manifest_path.write_text(good)
         build_index(settings, tiny_encoder, [catalog.root])
         assert client.get("/readyz").json()["index_count"] == len(catalog.files) + 2
+
+
+def test_a_file_changed_in_place_shows_its_new_size_after_reindexing(
+    settings: Settings, tmp_path: Path, tiny_encoder: Encoder, shared_data: Path
+) -> None:
+    settings = settings.with_overrides(index_check_seconds=0.0, frontend_dir=tmp_path / "no-ui")
+    catalog = make_catalog(tmp_path / "catalog", count=4)
+    build_index(settings, tiny_encoder, [catalog.root])
+    target = catalog.files[1]
+
+    def hit_for_target(client: TestClient) -> dict:
+        params = {"q": "a photo", "k": 200, "min_width": 1}  # a filter: rows come from the service's cache
+        return next(h for h in client.get("/search", params=params).json()["hits"] if h["path"] == str(target))
+
+    with TestClient(create_app(settings)) as client:
+        before = hit_for_target(client)
+        with Image.open(target) as image:
+            image.resize((77, 55)).save(target, format="JPEG")
+        build_index(settings, tiny_encoder, [catalog.root])
+        after = hit_for_target(client)
+        assert after["id"] == before["id"]
+        assert (after["width"], after["height"]) == (77, 55) != (before["width"], before["height"])
