@@ -1,0 +1,420 @@
+"""The web UI in real headless Chromium, against the real app over a small real index.
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``, or ``CLIPSEARCH_CHROMIUM``) and ``playwright`` from PyPI;
+the browser that Playwright would download is never used. The tests assert on the DOM and the URL; the
+screenshots they save under ``tmp_path`` are for people.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from app.config import Settings
+from app.encoder import Encoder
+from app.store import Store
+from indexer import Indexer
+
+CHROMIUM = Path(os.environ.get("CLIPSEARCH_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"browser tests need Chromium at {CHROMIUM} (apt-get install chromium, or set CLIPSEARCH_CHROMIUM)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="browser tests need playwright from PyPI (pip install playwright)"
+)
+uvicorn = pytest.importorskip("uvicorn")
+expect = sync_api.expect
+
+from app.api.main import create_app  # noqa: E402  (after the skips: nothing to import when they apply)
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_MS = 20_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+# --- the app, served for real ----------------------------------------------------------------------
+
+
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run an ASGI app under uvicorn in a background thread on a free local port; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the app stopped during startup (see the log above)")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not start within 120 s")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def build_index(settings: Settings, folder: Path) -> None:
+    store = Store(settings.effective_database_url)
+    try:
+        Indexer(settings, store, Encoder.from_settings(settings), progress=False).run([folder])
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def catalog(photos: list[Path]) -> Path:
+    """24 real photos (tests.helpers.copy_photos via the `photos` fixture)."""
+    return photos[0].parent
+
+
+@pytest.fixture
+def base_url(settings: Settings, catalog: Path) -> Iterator[str]:
+    """The real app (create_app) over an index of the catalog, served on 127.0.0.1."""
+    build_index(settings, catalog)
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+# --- the browser -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh page; any uncaught JavaScript error fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    js_errors: list[str] = []
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not js_errors, f"JavaScript errors on the page: {js_errors}"
+
+
+def url_params(page: Any) -> dict[str, list[str]]:
+    return parse_qs(urlparse(page.url).query)
+
+
+def tile_paths(page: Any) -> list[str]:
+    return page.locator(".result .tile").evaluate_all("tiles => tiles.map(t => t.title)")
+
+
+def result_ids(page: Any) -> list[int]:
+    return [int(i) for i in page.locator(".result").evaluate_all("items => items.map(i => i.dataset.id)")]
+
+
+def result_scores(page: Any) -> list[float]:
+    return [float(s) for s in page.locator(".result").evaluate_all("items => items.map(i => i.dataset.score)")]
+
+
+def wait_for_results(page: Any, count: int | None = None) -> None:
+    expect(page.locator("#status")).to_have_attribute("data-state", "results")
+    if count is not None:
+        expect(page.locator(".result")).to_have_count(count)
+
+
+def file_payload(path: Path, mime: str = "image/jpeg") -> dict[str, str]:
+    return {"b64": base64.b64encode(path.read_bytes()).decode(), "name": path.name, "type": mime}
+
+
+# JavaScript that builds a DataTransfer holding one file (bytes passed in as base64), as a real drop has.
+MAKE_TRANSFER = """({b64, name, type}) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, {type}));
+    return transfer;
+}"""
+
+
+def drop_file(page: Any, path: Path, mime: str = "image/jpeg") -> None:
+    """Drag a file over the page (the drop zone must appear), then drop it."""
+    transfer = page.evaluate_handle(MAKE_TRANSFER, file_payload(path, mime))
+    page.dispatch_event("main", "dragenter", {"dataTransfer": transfer})
+    page.dispatch_event("main", "dragover", {"dataTransfer": transfer})
+    expect(page.locator("#dropzone")).to_be_visible()
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+
+
+def paste_file(page: Any, path: Path) -> None:
+    page.evaluate(
+        f"""(payload) => {{
+            const transfer = ({MAKE_TRANSFER})(payload);
+            document.body.dispatchEvent(
+                new ClipboardEvent("paste", {{clipboardData: transfer, bubbles: true, cancelable: true}}));
+        }}""",
+        file_payload(path),
+    )
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+
+def test_typing_shows_thumbnails_and_the_large_view_leads_to_more_like_this(
+    base_url: str, page: Any, catalog: Path, tmp_path: Path
+) -> None:
+    search_requests: list[str] = []
+    page.on("request", lambda r: search_requests.append(r.url) if urlparse(r.url).path == "/search" else None)
+    page.goto(base_url + "/")
+    expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+    expect(page.locator("#search")).to_be_focused()
+
+    page.locator("#search").press_sequentially("a plate of food", delay=40)
+    wait_for_results(page, 24)
+    # Debounced: one request for the whole phrase, not one per keystroke.
+    assert 1 <= len(search_requests) <= 3, search_requests
+    assert parse_qs(urlparse(search_requests[-1]).query)["q"] == ["a plate of food"]
+    assert url_params(page) == {"q": ["a plate of food"]}
+    expect(page.locator("#status")).to_contain_text("24 images for “a plate of food”")
+    scores = result_scores(page)
+    assert scores == sorted(scores, reverse=True)
+    assert {Path(p).name for p in tile_paths(page)} == {p.name for p in catalog.iterdir()}
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.result img')].slice(0, 6)"
+        ".every((img) => img.complete && img.naturalWidth > 0)"
+    )
+    expect(page.locator(".result img").first).to_have_attribute("loading", "lazy")
+    page.locator(".result").nth(1).hover()
+    expect(page.locator(".result").nth(1).locator(".score")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "results.png"))
+
+    paths = tile_paths(page)
+    page.locator(".result .tile").nth(2).click()
+    viewer = page.locator("#viewer")
+    expect(viewer).to_be_visible()
+    expect(page.locator("#viewer-path")).to_have_text(paths[2])
+    expect(page.locator("#viewer-dims")).to_have_text(re.compile(r"^\d+ × \d+ px$"))
+    expect(page.locator("#viewer-score")).to_have_text(f"{scores[2]:.3f}")
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#viewer-image');"
+        " return img.complete && img.naturalWidth > 0 && img.src.endsWith('/images/' + "
+        "document.querySelector('#viewer').dataset.id); }"
+    )
+    page.screenshot(path=str(tmp_path / "viewer.png"))
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#viewer-path")).to_have_text(paths[3])
+    page.locator("#viewer-prev").click()
+    expect(page.locator("#viewer-path")).to_have_text(paths[2])
+
+    source_id = result_ids(page)[2]
+    page.locator("#more-like-this").click()
+    expect(viewer).to_be_hidden()
+    expect(page).to_have_url(f"{base_url}/?similar={source_id}")
+    wait_for_results(page, 23)
+    assert source_id not in result_ids(page)
+    expect(page.locator("#query-chip")).to_be_visible()
+    expect(page.locator("#query-chip")).to_contain_text(Path(paths[2]).name)
+    expect(page.locator("#search")).to_have_value("")
+    page.screenshot(path=str(tmp_path / "similar.png"))
+
+    page.go_back()
+    expect(page.locator("#search")).to_have_value("a plate of food")
+    wait_for_results(page, 24)
+    assert url_params(page) == {"q": ["a plate of food"]}
+    page.go_forward()
+    wait_for_results(page, 23)
+    assert url_params(page) == {"similar": [str(source_id)]}
+
+    # Words typed next to a "more like this" image refine it (text + image arithmetic; "-" negates a word).
+    with page.expect_request(lambda r: urlparse(r.url).path == "/search") as refined:
+        page.locator("#search").fill("at night -people")
+    assert parse_qs(urlparse(refined.value.url).query) | {"k": [], "offset": []} == {
+        "q": ["at night", "-people"],
+        "image_id": [str(source_id)],
+        "k": [],
+        "offset": [],
+    }
+    wait_for_results(page)
+    assert source_id not in result_ids(page)
+    assert url_params(page) == {"q": ["at night -people"], "similar": [str(source_id)]}
+    page.locator("#query-chip-clear").click()
+    expect(page.locator("#query-chip")).to_be_hidden()
+    wait_for_results(page, 24)
+    assert url_params(page) == {"q": ["at night -people"]}
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("results.png", "viewer.png", "similar.png"))
+
+
+def test_picking_dropping_or_pasting_an_image_searches_by_that_image(
+    base_url: str, page: Any, catalog: Path, tmp_path: Path
+) -> None:
+    photos = sorted(catalog.iterdir())
+    page.goto(base_url + "/?q=street")
+    wait_for_results(page, 24)
+
+    def image_search(action: Any, photo: Path) -> None:
+        with page.expect_response(lambda r: urlparse(r.url).path == "/search/image") as response:
+            action()
+        assert response.value.status == 200, response.value.text()
+        assert response.value.request.method == "POST"
+        wait_for_results(page, 24)
+        # A photo from the catalog is its own best match.
+        assert Path(tile_paths(page)[0]).name == photo.name
+        expect(page.locator("#query-chip")).to_contain_text(photo.name)
+        assert url_params(page) == {}
+        expect(page.locator("#search")).to_have_value("")
+
+    image_search(lambda: page.set_input_files("#file-input", photos[5]), photos[5])
+    image_search(lambda: drop_file(page, photos[9]), photos[9])
+    expect(page.locator("#dropzone")).to_be_hidden()
+    page.screenshot(path=str(tmp_path / "dropped.png"))
+    image_search(lambda: paste_file(page, photos[13]), photos[13])
+
+    # Back and forward walk through the image searches, then to the text search before them.
+    page.go_back()
+    wait_for_results(page, 24)
+    assert Path(tile_paths(page)[0]).name == photos[9].name
+    page.go_back()
+    page.go_back()
+    expect(page.locator("#search")).to_have_value("street")
+    wait_for_results(page, 24)
+
+    # A file that is not an image: the API's own message is shown.
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("this is not a picture\n")
+    with page.expect_response(lambda r: urlparse(r.url).path == "/search/image") as response:
+        drop_file(page, not_an_image, mime="text/plain")
+    assert response.value.status == 415
+    detail = response.value.json()["detail"]
+    expect(page.locator("#status")).to_have_attribute("data-state", "error")
+    expect(page.locator("#status .status-title")).to_have_text(detail)
+    expect(page.locator(".result")).to_have_count(0)
+
+
+def test_infinite_scroll_pages_through_all_results_without_duplicates(base_url: str, page: Any) -> None:
+    requests: list[dict[str, list[str]]] = []
+    page.on("request", lambda r: requests.append(parse_qs(urlparse(r.url).query)) if "/search?" in r.url else None)
+    page.goto(base_url + "/?q=animals&k=8")
+    wait_for_results(page)
+    page.mouse.wheel(0, 5000)
+    expect(page.locator(".result")).to_have_count(24)
+    page.wait_for_timeout(300)  # a further (wrong) page request would show up here
+    assert [r["offset"] for r in requests] == [["0"], ["8"], ["16"]]
+    assert all(r["k"] == ["8"] for r in requests)
+    ids = result_ids(page)
+    assert len(set(ids)) == 24
+    scores = result_scores(page)
+    assert scores == sorted(scores, reverse=True)
+    assert url_params(page) == {"q": ["animals"], "k": ["8"]}
+
+
+def test_min_score_filters_results_and_an_empty_result_says_so(base_url: str, page: Any) -> None:
+    page.goto(base_url + "/?q=animals")
+    wait_for_results(page, 24)
+    source = result_ids(page)[0]
+
+    # A shared link with a cut-off nothing reaches: the empty state explains it and offers a way out.
+    with page.expect_request(lambda r: urlparse(r.url).path == "/search") as request:
+        page.goto(base_url + "/?q=animals&min_score=0.99")
+    assert parse_qs(urlparse(request.value.url).query)["min_score"] == ["0.99"]
+    expect(page.locator("#status")).to_have_attribute("data-state", "empty")
+    expect(page.locator("#status")).to_contain_text("No images match “animals” with a score of at least 0.99")
+    expect(page.locator(".result")).to_have_count(0)
+    expect(page.locator("#min-score")).to_have_value("0.99")
+    expect(page.locator("#min-score-value")).to_have_text("0.99")
+    page.locator("#reset-min-score").click()
+    wait_for_results(page, 24)
+    assert url_params(page) == {"q": ["animals"]}
+
+    # The slider cuts a "more like this" list at a score picked from the middle of it.
+    page.goto(f"{base_url}/?similar={source}")
+    wait_for_results(page, 23)
+    scores = result_scores(page)
+    cut = round(scores[len(scores) // 2], 2)
+    page.locator("#min-score").fill(f"{cut:.2f}")
+    expect(page).to_have_url(f"{base_url}/?similar={source}&min_score={cut:.2f}")
+    expect(page.locator(".result")).to_have_count(sum(s >= cut for s in scores))
+    assert all(s >= cut for s in result_scores(page))
+
+
+def test_keyboard_moves_through_the_grid_and_the_large_view(base_url: str, page: Any) -> None:
+    page.goto(base_url + "/?q=people")
+    wait_for_results(page, 24)
+    paths = tile_paths(page)
+    page.locator("footer").click()
+    page.keyboard.press("/")
+    expect(page.locator("#search")).to_be_focused()
+
+    def focused_index() -> int:
+        return int(page.evaluate("() => document.activeElement.closest('.result')?.dataset.index ?? -1"))
+
+    page.keyboard.press("ArrowDown")
+    assert focused_index() == 0
+    page.keyboard.press("ArrowRight")
+    assert focused_index() == 1
+    columns = int(page.evaluate("() => getComputedStyle(document.querySelector('#results'))"
+                                ".gridTemplateColumns.split(' ').length"))  # fmt: skip
+    page.keyboard.press("ArrowDown")
+    assert focused_index() == 1 + columns
+    page.keyboard.press("Enter")
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#viewer-path")).to_have_text(paths[1 + columns])
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#viewer-path")).to_have_text(paths[2 + columns])
+    page.keyboard.press("Escape")
+    expect(page.locator("#viewer")).to_be_hidden()
+    expect(page.locator(".result .tile").nth(2 + columns)).to_be_focused()  # the image last shown
+    page.keyboard.press("ArrowUp")
+    assert focused_index() == 2
+    page.keyboard.press("ArrowUp")
+    expect(page.locator("#search")).to_be_focused()
+
+
+def test_api_errors_and_an_unready_index_are_explained(
+    base_url: str, page: Any, settings: Settings, tmp_path: Path
+) -> None:
+    with page.expect_response(lambda r: urlparse(r.url).path == "/similar/999999") as response:
+        page.goto(base_url + "/?similar=999999")
+    assert response.value.status == 404
+    expect(page.locator("#status")).to_have_attribute("data-state", "error")
+    expect(page.locator("#status .status-title")).to_have_text(response.value.json()["detail"])
+    expect(page.locator("#ready-banner")).to_be_hidden()
+    expect(page.locator("#index-info")).to_contain_text("24 images indexed")
+
+    # The same configuration before anything was indexed: /readyz answers 503 and the page says why.
+    fresh = settings.with_overrides(data_dir=tmp_path / "empty-data")
+    with serve(create_app(fresh)) as empty_url:
+        with page.expect_response(lambda r: urlparse(r.url).path == "/readyz") as ready:
+            page.goto(empty_url + "/?q=dog")
+        assert ready.value.status == 503
+        expect(page.locator("#ready-banner")).to_be_visible()
+        expect(page.locator("#ready-banner")).to_contain_text(ready.value.json()["detail"])
+        expect(page.locator("#status")).to_have_attribute("data-state", "error")
+        page.screenshot(path=str(tmp_path / "not-ready.png"))
+    shutil.rmtree(tmp_path / "empty-data", ignore_errors=True)
