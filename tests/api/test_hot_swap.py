@@ -148,3 +148,16 @@ def test_a_file_changed_in_place_shows_its_new_size_after_reindexing(
         after = hit_for_target(client)
         assert after["id"] == before["id"]
         assert (after["width"], after["height"]) == (77, 55) != (before["width"], before["height"])
+
+
+def test_service_started_before_the_first_index_becomes_ready_when_it_appears(
+    settings: Settings, tmp_path: Path, tiny_encoder: Encoder, shared_data: Path
+) -> None:
+    settings = settings.with_overrides(index_check_seconds=0.0, frontend_dir=tmp_path / "no-ui")
+    catalog = make_catalog(tmp_path / "catalog", count=3)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/search", params={"q": "a dog"}).status_code == 503
+        build_index(settings, tiny_encoder, [catalog.root])
+        assert client.get("/search", params={"q": "a dog"}).json()["total"] == len(catalog.files)
+        assert client.get("/readyz").json()["index_count"] == len(catalog.files)

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from app.api import create_app, routes_admin, routes_health, routes_images, routes_search
 from app.config import Settings
 from app.encoder import Encoder
+from app.errors import ModelLoadError
 from tests.api.conftest import Catalog, api_settings, build_index
 from tests.helpers import copy_photos, save_local_dir_model
 
@@ -190,3 +191,9 @@ def test_model_work_never_runs_on_the_event_loop() -> None:
 def test_cors_origins_setting_reads_a_comma_separated_list(origin_setting: str) -> None:
     settings = Settings.model_validate({"cors_origins": origin_setting})
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_a_model_that_cannot_load_stops_startup_with_the_reason(tmp_path: Path) -> None:
+    settings = api_settings(tmp_path / "data", tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="open_clip_config.json"), TestClient(create_app(settings)):
+        pass
