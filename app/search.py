@@ -621,8 +621,11 @@ class SearchService:
 def open_service(settings: Settings, *, require_index: bool = True) -> SearchService:
     """Load the model, open the store and the index named by the settings."""
     store = Store(settings.effective_database_url)
-    encoder = Encoder.from_settings(settings)
-    service = SearchService(settings, encoder, store)
-    if require_index:
-        service.load_index()
+    try:
+        service = SearchService(settings, Encoder.from_settings(settings), store)
+        if require_index:
+            service.load_index()
+    except BaseException:
+        store.close()
+        raise
     return service
