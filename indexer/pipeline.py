@@ -7,7 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
+from app.dupes import ImageHashes
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, sha256_bytes
@@ -35,6 +36,7 @@ class IndexSummary:
     reused: int = 0
     removed: int = 0
     failed: int = 0
+    hashed: int = 0
     embedded: int = 0
     seconds: float = 0.0
     index_count: int = 0
@@ -49,7 +51,8 @@ class IndexSummary:
     def lines(self, max_failures: int = 5) -> list[str]:
         out = [
             f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, reused {self.reused}, "
-            f"removed {self.removed}, failed {self.failed}",
+            f"removed {self.removed}, failed {self.failed}"
+            + (f", hashes added to {self.hashed} existing" if self.hashed else ""),
             f"embedded {self.embedded} images in {self.seconds:.1f}s ({self.rate:.1f} img/s); "
             f"index holds {self.index_count} vectors" + (" (rebuilt from the store)" if self.index_rebuilt else ""),
         ]
@@ -74,6 +77,9 @@ class _Prepared:
     format: str | None = None
     error: str | None = None
     reusable: bool = False
+    #: an already indexed file that only lacks its perceptual hashes (catalogs from before they existed)
+    hash_only: bool = False
+    hashes: dict[str, int] | None = None
 
 
 BatchCallback = Callable[[int], None]
@@ -106,17 +112,23 @@ class Indexer:
         summary.unreadable = found.unreadable
         states = self.store.file_states()
         todo: list[FileInfo] = []
+        hash_only: set[str] = set()
         for info in found.files:
             state = states.get(info.path)
             if self._is_unchanged(state, info, retry_failed):
-                summary.unchanged += 1
+                assert state is not None
+                if state.status == ImageStatus.INDEXED and not state.has_hashes:
+                    hash_only.add(info.path)
+                    todo.append(info)
+                else:
+                    summary.unchanged += 1
             else:
                 todo.append(info)
         log.info("%d files found, %d to process", len(found.files), len(todo))
 
         touched: set[int] = set()
         known_shas = self.store.embedded_shas(self.model_key)
-        self._process(todo, states, known_shas, summary, touched, on_batch_committed)
+        self._process(todo, states, known_shas, hash_only, summary, touched, on_batch_committed)
 
         seen = {f.path for f in found.files}
         skipped_roots = [folder for folder, _ in found.unreadable]
@@ -144,16 +156,22 @@ class Indexer:
 
     # --- the decode pool and batched encode -----------------------------------------------------
 
-    def _prepare(self, info: FileInfo, known_shas: set[str]) -> _Prepared:
+    def _prepare(self, info: FileInfo, known_shas: set[str], hash_only: bool = False) -> _Prepared:
         try:
             data = Path(info.path).read_bytes()
         except OSError as exc:
             return _Prepared(info, error=f"cannot read file: {exc.strerror or exc}")
         sha = sha256_bytes(data)
-        if sha in known_shas:
+        if sha in known_shas and not hash_only:
             return _Prepared(info, sha256=sha, reusable=True)
         try:
             decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
+            hashes = asdict(ImageHashes.of(decoded.image))
+            if hash_only:
+                return _Prepared(
+                    info, sha256=sha, width=decoded.width, height=decoded.height, format=decoded.format,
+                    hash_only=True, hashes=hashes,
+                )  # fmt: skip
             pixels = self.encoder.preprocess_image(decoded.image)
         except UnsupportedImage as exc:
             return _Prepared(info, sha256=sha, error=str(exc))
@@ -161,17 +179,23 @@ class Indexer:
             log.exception("unexpected error decoding %s", info.path)
             return _Prepared(info, sha256=sha, error=f"unexpected decode error: {exc.__class__.__name__}: {exc}")
         return _Prepared(
-            info, sha256=sha, pixels=pixels, width=decoded.width, height=decoded.height, format=decoded.format
+            info,
+            sha256=sha,
+            pixels=pixels,
+            width=decoded.width,
+            height=decoded.height,
+            format=decoded.format,
+            hashes=hashes,
         )
 
-    def _prepared_stream(self, todo: list[FileInfo], known_shas: set[str]) -> Iterator[_Prepared]:
+    def _prepared_stream(self, todo: list[FileInfo], known_shas: set[str], hash_only: set[str]) -> Iterator[_Prepared]:
         """Decode on a thread pool, in order, with a bounded number of files in flight."""
         window = max(2 * self.settings.batch_size, 4 * self.settings.decode_workers)
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
             pending: deque[Future[_Prepared]] = deque()
             files = iter(todo)
             for info in files:
-                pending.append(pool.submit(self._prepare, info, known_shas))
+                pending.append(pool.submit(self._prepare, info, known_shas, info.path in hash_only))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -182,6 +206,7 @@ class Indexer:
         todo: list[FileInfo],
         states: dict[str, FileState],
         known_shas: set[str],
+        hash_only: set[str],
         summary: IndexSummary,
         touched: set[int],
         on_batch_committed: BatchCallback | None,
@@ -206,7 +231,7 @@ class Indexer:
                 on_batch_committed(batches_done)
 
         try:
-            for item in self._prepared_stream(todo, known_shas):
+            for item in self._prepared_stream(todo, known_shas, hash_only):
                 (batch if item.pixels is not None else others).append(item)
                 if len(batch) >= self.settings.batch_size or len(others) >= 4 * self.settings.batch_size:
                     flush()
@@ -230,6 +255,7 @@ class Indexer:
                 height=item.height,
                 format=item.format,
                 vector=vector,
+                hashes=item.hashes,
             )
             for item, vector in zip(batch, vectors, strict=True)
         ]
@@ -239,6 +265,22 @@ class Indexer:
         reusable = self.store.reusable_by_sha([i.sha256 for i in items if i.reusable and i.sha256], self.model_key)
         results = []
         for item in items:
+            if item.hash_only:
+                if item.hashes is not None:  # else leave the indexed row as it is (its decode failed now)
+                    results.append(
+                        ImageResult(
+                            path=item.info.path,
+                            size=item.info.size,
+                            mtime=item.info.mtime,
+                            sha256=item.sha256,
+                            status=ImageStatus.INDEXED,
+                            width=item.width,
+                            height=item.height,
+                            format=item.format,
+                            hashes=item.hashes,
+                        )  # fmt: skip
+                    )
+                continue
             source = reusable.get(item.sha256 or "") if item.reusable else None
             if item.reusable and source is None:
                 item.reusable, item.error = False, "content vanished from the store during the run; run again"
@@ -254,6 +296,7 @@ class Indexer:
                         height=source.height,
                         format=source.format,
                         vector=source.vector,
+                        hashes=source.hashes,
                     )
                 )
             else:
@@ -271,6 +314,10 @@ class Indexer:
 
     @staticmethod
     def _count(item: _Prepared, states: dict[str, FileState], summary: IndexSummary) -> None:
+        if item.hash_only:
+            summary.hashed += item.hashes is not None
+            summary.unchanged += 1
+            return
         if item.error is not None:
             summary.failed += 1
             summary.failures.append((item.info.path, item.error))

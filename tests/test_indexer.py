@@ -252,3 +252,32 @@ def test_growing_past_the_threshold_switches_to_an_ivf_index(
     summary = _indexer(small, store, tiny_encoder).run([photos[0].parent])
     assert summary.index_rebuilt and read_manifest(settings.index_dir).index_type == "ivf-sq8"
     assert _index_ids(small, tiny_encoder) == {s.id for s in store.file_states().values()}
+
+
+def test_perceptual_hashes_are_stored_and_backfilled_without_re_embedding(
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+) -> None:
+    from sqlalchemy import text
+
+    from app.dupes import ImageHashes
+
+    _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    hashes = dict(store.iter_hashes())
+    assert len(hashes) == 24
+    first = hashes[_id_of(store, photos[0])]
+    from app.dupes import hamming
+    from app.imaging import decode_image
+
+    same_decode = decode_image(photos[0].read_bytes(), max_pixels=10**8, draft_size=tiny_encoder.image_size * 2)
+    assert first["phash"] == ImageHashes.of(same_decode.image).phash
+    full_decode = ImageHashes.of(Image.open(photos[0]).convert("RGB"))
+    assert hamming(first["phash"], full_decode.phash) <= 6  # draft decoding moves a pHash by a few bits at most
+    assert any(h >= 1 << 63 for v in hashes.values() for h in v.values())  # unsigned values survive the DB
+
+    with store.engine.begin() as conn:  # a catalog indexed before hashes existed
+        conn.execute(text("UPDATE images SET phash = NULL, dhash = NULL, phash_mirror = NULL, dhash_mirror = NULL"))
+    summary = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (summary.embedded, summary.hashed, summary.unchanged) == (0, 24, 24)
+    assert dict(store.iter_hashes()) == hashes
+    again = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
+    assert (again.embedded, again.hashed) == (0, 0)

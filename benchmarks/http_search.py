@@ -1,0 +1,187 @@
+"""End-to-end HTTP: `clipsearch serve` over a large synthetic index, loaded from loopback.
+
+    python -m benchmarks.http_search [--vectors 1000000] [--requests 200] [--concurrency 1,8,32]
+
+A store of N rows and an index of N synthetic CLIP-like 512-d vectors (as `clipsearch index` would have left
+them for ViT-B-32) are written to a temp data dir; `clipsearch serve` runs as a subprocess with ViT-B-32 random
+weights; a thread pool of HTTP clients on 127.0.0.1 sends bounded numbers of /search requests at each
+concurrency: uncached queries (every text new) and cached ones (a few texts repeated). The client shares the
+2 cores with the server, so the figures are a lower bound. Results: benchmarks/results/http_search.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from sqlalchemy import insert
+
+from app.config import Settings
+from app.index import VectorIndex, choose_kind
+from app.store import ImageRow, Store, utcnow
+from benchmarks.common import write_results
+from benchmarks.index_scale import DIM, clip_like
+
+ADJ = ["red", "small", "old", "shiny", "wet", "bright", "dark", "wooden", "striped", "broken", "tall", "quiet"]
+NOUN = ["car", "dog", "bicycle", "house", "boat", "tree", "street", "kitchen", "mountain", "bird", "child", "bridge"]
+PLACE = ["at night", "in the snow", "near the sea", "in a city", "on a table", "under a bridge", "in the rain"]
+
+
+def unique_queries() -> itertools.cycle:  # type: ignore[type-arg]
+    combos = [f"a {a} {n} {p}" for a in ADJ for n in NOUN for p in PLACE]  # 1,008 distinct texts
+    np.random.default_rng(1).shuffle(combos)
+    return itertools.cycle(combos)
+
+
+def build_catalog(data_dir: Path, n: int, model: str) -> float:
+    """Rows + index as the indexer leaves them; returns seconds spent."""
+    t0 = time.perf_counter()
+    settings = Settings(data_dir=data_dir)
+    store = Store(settings.effective_database_url)
+    now = utcnow()
+    with store.engine.begin() as conn:
+        for start in range(0, n, 50_000):
+            conn.execute(
+                insert(ImageRow),
+                [
+                    {
+                        "id": i + 1,
+                        "path": f"/catalog/{i // 1000:04d}/{i:07d}.jpg",
+                        "sha256": f"{i:064x}",
+                        "size": 100_000,
+                        "mtime": 1.7e9 + i,
+                        "width": 640,
+                        "height": 480,
+                        "format": "JPEG",
+                        "status": "indexed",
+                        "model": model,
+                        "created_at": now,
+                        "updated_at": now,
+                    }  # fmt: skip
+                    for i in range(start, min(n, start + 50_000))
+                ],
+            )
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((max(64, n // 200), DIM), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    kind = choose_kind(n, "auto", settings.ivf_min_vectors)
+    sample = clip_like(min(n, 100_000), rng, centers)
+    index = VectorIndex.create(DIM, kind, sample if kind != "flat" else None)
+    for start in range(0, n, 100_000):
+        count = min(n, start + 100_000) - start
+        index.add(np.arange(start + 1, start + count + 1, dtype=np.int64), clip_like(count, rng, centers))
+    index.save(settings.index_dir, model=model, pretrained="")
+    store.close()
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load(base: str, queries, concurrency: int, requests: int, limit_s: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    texts = [next(queries) for _ in range(requests)]
+    deadline = time.perf_counter() + limit_s
+    latencies: list[float] = []
+    errors = 0
+
+    def one(text: str, client: httpx.Client) -> None:
+        nonlocal errors
+        if time.perf_counter() > deadline:
+            return
+        t0 = time.perf_counter()
+        r = client.get(f"{base}/search", params={"q": text, "k": 20})
+        latencies.append((time.perf_counter() - t0) * 1000)
+        errors += r.status_code != 200
+
+    clients = [httpx.Client(timeout=30) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for i, text in enumerate(texts):
+            pool.submit(one, text, clients[i % concurrency])
+    wall = time.perf_counter() - t0
+    for c in clients:
+        c.close()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "qps": len(latencies) / wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--limit-s", type=float, default=120.0, help="time limit per load level")
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    model = "ViT-B-32"
+    build_s = build_catalog(data_dir, args.vectors, model)
+    print(f"catalog of {args.vectors:,} built in {build_s:.1f}s", flush=True)
+    port = free_port()
+    env = dict(os.environ, CLIPSEARCH_DATA_DIR=str(data_dir), CLIPSEARCH_MODEL=model, CLIPSEARCH_PRETRAINED="",
+               CLIPSEARCH_DEVICE="cpu")  # fmt: skip
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    started = time.perf_counter()
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    rows: list[dict[str, object]] = []
+    try:
+        ready_s = None
+        while time.perf_counter() - started < 300:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    ready_s = time.perf_counter() - started
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        if ready_s is None:
+            raise SystemExit("the server did not become ready in 300 s")
+        print(f"ready in {ready_s:.2f}s (process start, model load, index load)", flush=True)
+        uncached = unique_queries()
+        cached = itertools.cycle(["a red car", "a dog on the beach", "mountains at sunrise", "a bowl of fruit"])
+        for _ in range(4):  # fill the text cache for the cached runs
+            httpx.get(f"{base}/search", params={"q": next(cached), "k": 20}, timeout=30)
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            for label, queries in (("uncached", uncached), ("cached", cached)):
+                result = load(base, queries, conc, args.requests, args.limit_s)
+                rows.append({"vectors": args.vectors, "concurrency": conc, "queries": label, **result})
+                print(rows[-1], flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    lines = [
+        f"Service ready in {ready_s:.2f} s with {args.vectors:,} vectors (process start + model + index load).",
+        "",
+        "| vectors | concurrency | queries | requests | errors | p50 ms | p99 ms | QPS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['vectors']:,} | {r['concurrency']} | {r['queries']} | {r['requests']} | {r['errors']} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['qps']:.1f} |"
+        )
+    write_results("http_search", {"ready_s": ready_s, "build_s": build_s, "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
