@@ -76,6 +76,7 @@ const results = {
   hasMore: false,
   loading: false,
   error: null,
+  errorStatus: 0,
   tookMs: null,
   model: null,
 };
@@ -212,6 +213,7 @@ async function loadPage(generation, offset) {
   } catch (err) {
     if (err.name === "AbortError" || generation !== results.generation) return;
     results.error = err.message;
+    results.errorStatus = err.status;
     results.hasMore = false;
     if (offset === 0) el.results.replaceChildren();
     if (err.status === 503) checkReady();
@@ -368,7 +370,8 @@ function renderStatus() {
     return;
   }
   if (results.error) {
-    setStatus("error", results.error, "Change the search and try again.");
+    if (results.errorStatus === 503) setStatus("error", "Search is not ready yet", results.error);
+    else setStatus("error", results.error, "Change the search and try again.");
     return;
   }
   if (results.loading && results.hits.length === 0) {
@@ -788,7 +791,8 @@ async function checkReady() {
   } catch (err) {
     document.body.dataset.ready = "false";
     const reason = err.status === 503 ? `Search is not ready yet: ${err.message}` : err.message;
-    el.banner.textContent = `${reason} Checking again every ${READY_RETRY_MS / 1000} s…`;
+    const stop = /[.!?]$/.test(reason) ? "" : ".";
+    el.banner.textContent = `${reason}${stop} Checking again every ${READY_RETRY_MS / 1000} s…`;
     el.banner.hidden = false;
     wasDown = true;
     readyTimer = setTimeout(checkReady, READY_RETRY_MS);

@@ -293,6 +293,7 @@ def test_picking_dropping_or_pasting_an_image_searches_by_that_image(
     image_search(lambda: page.set_input_files("#file-input", photos[5]), photos[5])
     image_search(lambda: drop_file(page, photos[9]), photos[9])
     expect(page.locator("#dropzone")).to_be_hidden()
+    expect(page.locator(".result.loaded")).to_have_count(24)  # every thumbnail arrived
     page.screenshot(path=str(tmp_path / "dropped.png"))
     image_search(lambda: paste_file(page, photos[13]), photos[13])
 
@@ -397,7 +398,7 @@ def test_keyboard_moves_through_the_grid_and_the_large_view(base_url: str, page:
 
 
 def test_api_errors_and_an_unready_index_are_explained(
-    base_url: str, page: Any, settings: Settings, tmp_path: Path
+    base_url: str, page: Any, settings: Settings, catalog: Path, tmp_path: Path
 ) -> None:
     with page.expect_response(lambda r: urlparse(r.url).path == "/similar/999999") as response:
         page.goto(base_url + "/?similar=999999")
@@ -416,5 +417,11 @@ def test_api_errors_and_an_unready_index_are_explained(
         expect(page.locator("#ready-banner")).to_be_visible()
         expect(page.locator("#ready-banner")).to_contain_text(ready.value.json()["detail"])
         expect(page.locator("#status")).to_have_attribute("data-state", "error")
+        expect(page.locator("#status")).to_contain_text("Search is not ready yet")
         page.screenshot(path=str(tmp_path / "not-ready.png"))
+
+        # Once the indexer has written an index, the page notices by itself and runs the search.
+        build_index(fresh, catalog)
+        expect(page.locator("#ready-banner")).to_be_hidden()
+        wait_for_results(page, 24)
     shutil.rmtree(tmp_path / "empty-data", ignore_errors=True)
