@@ -35,5 +35,9 @@ class UnsupportedImage(ClipSearchError):
     """A file or upload that cannot be decoded as an image (or is too large)."""
 
 
+class ImageTooLarge(UnsupportedImage):
+    """An image whose pixel count is above the limit (a decompression bomb, or simply too big)."""
+
+
 class StoreError(ClipSearchError):
     """The metadata store is unreachable or has an incompatible schema."""

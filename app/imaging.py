@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from app.errors import UnsupportedImage
+from app.errors import ImageTooLarge, UnsupportedImage
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -54,7 +54,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     except UnidentifiedImageError as exc:
         raise UnsupportedImage("not a recognised image format (is it really an image?)") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UnsupportedImage(f"image too large to decode safely: {exc}") from exc
+        raise ImageTooLarge(f"image too large to decode safely: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _decode_failure(exc, "unreadable image header") from exc
 
@@ -63,7 +63,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     if width <= 0 or height <= 0:
         raise UnsupportedImage(f"invalid image dimensions {width}x{height}")
     if width * height > max_pixels:
-        raise UnsupportedImage(
+        raise ImageTooLarge(
             f"image has {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
             "(raise CLIPSEARCH_MAX_IMAGE_PIXELS if this file is trusted)"
         )

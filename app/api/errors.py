@@ -17,6 +17,7 @@ from app.errors import (
     ClipSearchError,
     ConfigError,
     IndexMismatch,
+    ImageTooLarge,
     ModelLoadError,
     NotFound,
     NotReady,
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR: tuple[tuple[type[ClipSearchError], int], ...] = (
     (BadQuery, 422),
     (NotFound, 404),
+    (ImageTooLarge, 413),
     (UnsupportedImage, 415),
     (NotReady, 503),
     (IndexMismatch, 503),
