@@ -62,6 +62,7 @@ class VectorIndex:
         self.dim = dim
         self._index = faiss_index if faiss_index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._ivf = _as_ivf(self._index)
+        self._quantizer: faiss.Index | None = None  # owned by an IVF index built here
         if self._ivf is not None:
             self._ivf.nprobe = nprobe
 
@@ -80,7 +81,7 @@ class VectorIndex:
             quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         )
         ivf.train(np.ascontiguousarray(training, dtype=np.float32))
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         index = cls(dim, ivf, nprobe=nprobe)
         index._quantizer = quantizer  # keep the Python object alive as long as the index
         return index

@@ -265,7 +265,7 @@ class Store:
                         continue
                     known = None
                     if all(h is not None for h in hashes):
-                        known = {k: hash_from_db(h) for k, h in zip(HASH_FIELDS, hashes, strict=True)}
+                        known = {k: hash_from_db(int(h)) for k, h in zip(HASH_FIELDS, hashes, strict=True)}
                     found.setdefault(
                         sha,
                         ImageResult(
