@@ -207,5 +207,9 @@ def serve(host: str, port: int, **opts: Any) -> None:
     uvicorn.run(create_app(_settings(opts)), host=host, port=port, log_level="info")
 
 
+from app.cli_eval import eval_group  # noqa: E402
+
+main.add_command(eval_group)
+
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ Conventions, so that figures compare with published ones:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -176,17 +177,17 @@ def _read_caption_pairs(path: Path) -> list[tuple[str, str]]:
                 f"captions file {path} is not COCO-style JSON ('images' with id and file_name, 'annotations' with "
                 f"image_id and caption): missing {exc}"
             ) from None
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted caption may hold a line break
     if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
         raise EvaluationError(
             f"captions file {path} must be CSV with a header naming the columns 'image' and 'caption' "
             f"(found: {', '.join(reader.fieldnames or []) or 'no header'})"
         )
     pairs = []
-    for line, row in enumerate(reader, start=2):
+    for row in reader:
         image, caption = (row.get("image") or "").strip(), " ".join((row.get("caption") or "").split())
         if not image or not caption:
-            raise EvaluationError(f"captions file {path}, line {line}: empty image name or caption")
+            raise EvaluationError(f"captions file {path}, line {reader.line_num}: empty image name or caption")
         pairs.append((image, caption))
     return pairs
 
