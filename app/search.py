@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.config import Settings
 from app.encoder import Encoder, ModelSpec
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
-from app.imaging import decode_image
+from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
 from app.store import ImageRecord, ImageStatus, Store
 
@@ -489,7 +489,7 @@ class SearchService:
         decoded = decode_image(
             data,
             max_pixels=max_pixels or self.settings.max_image_pixels,
-            draft_size=self.encoder.image_size * 2,
+            draft_size=model_draft_size(self.encoder.image_size),
         )
         vector: np.ndarray = self.encoder.encode_images([decoded.image])[0]
         return vector

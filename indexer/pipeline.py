@@ -18,7 +18,7 @@ from app.config import Settings
 from app.dupes import ImageHashes
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
-from app.imaging import decode_image, sha256_bytes
+from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, VectorIndex, choose_kind
 from app.store import FileState, ImageResult, ImageStatus, Store
 from indexer.walk import FileInfo, is_under, scan
@@ -94,7 +94,7 @@ class Indexer:
         self.encoder = encoder
         self.progress = progress
         self.model_key = encoder.spec.name
-        self.draft_size = encoder.image_size * 2
+        self.draft_size = model_draft_size(encoder.image_size)
 
     def run(
         self,

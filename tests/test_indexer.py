@@ -266,9 +266,11 @@ def test_perceptual_hashes_are_stored_and_backfilled_without_re_embedding(
     assert len(hashes) == 24
     first = hashes[_id_of(store, photos[0])]
     from app.dupes import hamming
-    from app.imaging import decode_image
+    from app.imaging import decode_image, model_draft_size
 
-    same_decode = decode_image(photos[0].read_bytes(), max_pixels=10**8, draft_size=tiny_encoder.image_size * 2)
+    same_decode = decode_image(
+        photos[0].read_bytes(), max_pixels=10**8, draft_size=model_draft_size(tiny_encoder.image_size)
+    )
     assert first["phash"] == ImageHashes.of(same_decode.image).phash
     full_decode = ImageHashes.of(Image.open(photos[0]).convert("RGB"))
     assert hamming(first["phash"], full_decode.phash) <= 6  # draft decoding moves a pHash by a few bits at most
