@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from app.config import Settings
+from app.errors import ConfigError
 from app.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ CACHE_FORMAT = 1
 DEFAULT_LOGIT_SCALE = 100.0
 # Prompts encoded per model call group: bounds memory for large vocabularies (ImageNet: ~80k prompts).
 PROMPTS_PER_GROUP = 4096
+CLASSIFY_CHUNK = 4096
 
 
 class TextEncoder(Protocol):
@@ -102,7 +104,10 @@ class ZeroShotClassifier:
             return np.full(len(self.labels), float(thresholds), dtype=np.float32)
         unknown = sorted(set(thresholds) - set(self.labels))
         if unknown:
-            raise ValueError(f"thresholds name labels not in vocabulary '{self.vocabulary}': {', '.join(unknown)}")
+            raise ConfigError(
+                f"thresholds name labels not in vocabulary '{self.vocabulary}': {', '.join(unknown)} "
+                f"(its labels: {', '.join(self.labels[:10])}{', ...' if len(self.labels) > 10 else ''})"
+            )
         out = self.thresholds.copy()
         for position, label in enumerate(self.labels):
             if label in thresholds:
@@ -119,14 +124,25 @@ def classify(
     """Per image, its labels scoring at least their threshold, best first, at most ``top_k`` (None: all)."""
     if top_k is not None and top_k < 1:
         raise ValueError("top_k must be at least 1 (or None for every label above its threshold)")
-    probabilities = classifier.scores(image_vectors)
+    vectors = _as_matrix(image_vectors, classifier.dim)
     limits = classifier.threshold_vector(thresholds)
-    k = len(classifier.labels) if top_k is None else min(top_k, len(classifier.labels))
+    count = len(classifier.labels)
+    k = count if top_k is None else min(top_k, count)
     out: list[list[Tag]] = []
-    for row in probabilities:
-        best = np.argpartition(-row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        best = best[np.argsort(-row[best], kind="stable")]
-        out.append([Tag(classifier.labels[i], float(row[i])) for i in best if row[i] >= limits[i]])
+    for start in range(0, len(vectors), CLASSIFY_CHUNK):  # bounds memory: a chunk's scores are (chunk, labels)
+        probabilities = classifier.scores(vectors[start : start + CLASSIFY_CHUNK])
+        if k < count:
+            best = np.argpartition(-probabilities, k - 1, axis=1)[:, :k]
+        else:
+            best = np.broadcast_to(np.arange(count), probabilities.shape)
+        top = np.take_along_axis(probabilities, best, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        best, top = np.take_along_axis(best, order, axis=1), np.take_along_axis(top, order, axis=1)
+        keep = top >= limits[best]
+        for labels, scores, kept in zip(best, top, keep, strict=True):
+            out.append(
+                [Tag(classifier.labels[i], float(p)) for i, p, ok in zip(labels, scores, kept, strict=True) if ok]
+            )
     return out
 
 

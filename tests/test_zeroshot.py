@@ -12,6 +12,7 @@ import pytest
 import app.zeroshot as zeroshot
 from app.config import Settings
 from app.encoder import Encoder
+from app.errors import ConfigError
 from app.evaluation import embed_image_files
 from app.vocab import parse_vocabulary
 from app.zeroshot import (
@@ -116,7 +117,7 @@ def test_classify_returns_best_first_above_thresholds_and_top_k() -> None:
         [],
     ]
     assert [t.label for t in classify(images, classifier, thresholds={"l1": 0.9})[0]] == ["l0"]
-    with pytest.raises(ValueError, match="not in vocabulary 'test': nope"):
+    with pytest.raises(ConfigError, match="not in vocabulary 'test': nope"):
         classify(images, classifier, thresholds={"nope": 0.1})
 
 
@@ -209,3 +210,18 @@ def test_instrument_model_tags_photos_with_the_right_label(instrument_encoder: E
     kept = classify(vectors, tagger, top_k=1, thresholds=0.5)
     assert sum(bool(row) for row in kept) >= 12
     assert all(row[0].label == label for row, label in zip(kept, truth, strict=True) if row)
+
+
+def test_classifying_many_images_in_chunks_gives_each_image_its_own_tags(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(6, 4))
+    classifier = _classifier(embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True), [0.05] * 6, scale=5.0)
+    images = rng.normal(size=(11, 4)).astype(np.float32)
+    monkeypatch.setattr(zeroshot, "CLASSIFY_CHUNK", 3)
+    tags = classify(images, classifier, top_k=3)
+    for image, row in zip(images, tags, strict=True):
+        probabilities = classifier.scores(image)[0]
+        expected = [i for i in np.argsort(-probabilities)[:3] if probabilities[i] >= 0.05]
+        assert [t.label for t in row] == [f"l{i}" for i in expected]
+        assert [t.score for t in row] == pytest.approx([probabilities[i] for i in expected], rel=1e-5)
+    assert classify(np.zeros((0, 4)), classifier) == []
