@@ -341,9 +341,10 @@ class ImageOptions:
     progress: Callable[[int], None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **extra: Any) -> ImageOptions:
-        knobs = {"batch_size": settings.batch_size, "workers": settings.decode_workers}
-        return cls(**knobs, max_pixels=settings.max_image_pixels, **extra)
+    def from_settings(
+        cls, settings: Settings, *, draft: bool = False, progress: Callable[[int], None] | None = None
+    ) -> ImageOptions:
+        return cls(settings.batch_size, settings.decode_workers, settings.max_image_pixels, draft, progress)
 
 
 def _embed(encoder: Any, paths: Sequence[Path], options: ImageOptions | None) -> tuple[np.ndarray, list[Any]]:
