@@ -207,6 +207,88 @@ def serve(host: str, port: int, **opts: Any) -> None:
     uvicorn.run(create_app(_settings(opts)), host=host, port=port, log_level="info")
 
 
+@main.command()
+@click.option("--image", "image_id", type=click.IntRange(1), help="Show the tags and flags of this image id.")
+@click.option(
+    "--retag",
+    is_flag=True,
+    help="Recompute every image's tags and flags from its stored vector first (after changing the vocabulary "
+    "or thresholds; 'clipsearch index' does it too, for the images whose settings changed). No re-embedding.",
+)
+@click.option("--all", "include_unused", is_flag=True, help="Also list the vocabulary labels no image carries.")
+@click.option(
+    "-n", "--limit", default=50, show_default=True, type=click.IntRange(0), help="Labels listed per kind (0: all)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@settings_options
+@handle_errors
+def tags(
+    image_id: int | None, retag: bool, include_unused: bool, limit: int, as_json: bool, quiet: bool, **opts: Any
+) -> None:
+    """List the zero-shot tags and safe-search flags of the catalog with how many images carry each."""
+    from app.encoder import ModelSpec
+    from app.store import Store, TagKind
+    from app.tagging import TaggingPlan, label_names
+
+    settings = _settings(opts)
+    plan = TaggingPlan.from_settings(settings)
+    store = Store(settings.effective_database_url)
+    try:
+        if retag:
+            from app.encoder import Encoder
+            from indexer import Indexer
+
+            progress = not quiet and sys.stderr.isatty()
+            done = Indexer(settings, store, Encoder.from_settings(settings), progress=progress).tag(everything=True)
+            click.echo(f"tagged {done} images", err=as_json)
+        if image_id is not None:
+            record = store.get(image_id)  # NotFound for an unknown id
+            found = store.tags_of(image_id)
+            out = {
+                kind.value: [{"label": t.label, "score": t.score} for t in found if t.kind == kind] for kind in TagKind
+            }
+            if as_json:
+                click.echo(json.dumps({"id": image_id, "tags": out["tag"], "flags": out["flag"]}, indent=2))
+                return
+            status = "" if record.status == "indexed" else f" ({record.status})"
+            click.echo(f"image #{image_id}: {record.path}{status}")
+            for kind, title in ((TagKind.TAG, "tags"), (TagKind.FLAG, "flags")):
+                listed = ", ".join(f"{t['label']} {t['score']:.2f}" for t in out[kind.value]) or "none"
+                click.echo(f"  {title}: {listed}")
+            return
+        model = ModelSpec.from_settings(settings).name
+        counts = {kind: store.label_counts(kind, model=model) for kind in TagKind}
+        if include_unused:
+            for kind in TagKind:
+                for name in label_names(plan, kind):
+                    counts[kind].setdefault(name, 0)
+        if limit:
+            counts = {kind: dict(list(found.items())[:limit]) for kind, found in counts.items()}
+        vocabularies = {
+            TagKind.TAG: plan.tags.vocabulary.name if plan.tags else None,
+            TagKind.FLAG: plan.flags.vocabulary.name if plan.flags else None,
+        }
+        if as_json:
+            body = {
+                "vocabulary": vocabularies[TagKind.TAG],
+                "safe_search_vocabulary": vocabularies[TagKind.FLAG],
+                "tags": [{"label": k, "count": v} for k, v in counts[TagKind.TAG].items()],
+                "flags": [{"label": k, "count": v} for k, v in counts[TagKind.FLAG].items()],
+            }
+            click.echo(json.dumps(body, indent=2))
+            return
+        for kind, title in ((TagKind.TAG, "tags"), (TagKind.FLAG, "flags")):
+            vocabulary = vocabularies[kind]
+            click.echo(f"{title} (vocabulary {vocabulary!r}):" if vocabulary else f"{title} (disabled):")
+            for label, count in counts[kind].items():
+                click.echo(f"  {count:>7}  {label}")
+            if not counts[kind] and vocabulary:
+                click.echo("  none yet: run 'clipsearch index' (or 'clipsearch tags --retag')")
+    finally:
+        store.close()
+
+
 from app.cli_eval import eval_group  # noqa: E402
 
 main.add_command(eval_group)

@@ -83,6 +83,50 @@ class Settings(BaseSettings):
         default=None, description="Static web UI served at /; default: the frontend/ folder beside app/."
     )
 
+    # --- zero-shot tags and safe-search flags (computed at index time from the stored vectors) ---
+    tag_vocabulary: str = Field(
+        default="imagenet",
+        description="Labels images are tagged with: 'imagenet' (built in), a YAML/JSON vocabulary file, or 'none'.",
+    )
+    tag_top_k: int = Field(default=5, ge=1, le=100, description="At most this many tags are stored per image.")
+    tag_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Tags scoring below this (softmax probability, 0..1) are not stored; None: the vocabulary's.",
+    )
+    safe_search_vocabulary: str = Field(
+        default="safe-search",
+        description="Flags that safe=true hides: 'safe-search' (built in), a YAML/JSON vocabulary file, or 'none'.",
+    )
+    safe_search_thresholds: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-flag threshold overrides, 'flag=0.5,other=0.7' (0..1); others keep the vocabulary's.",
+    )
+
+    @field_validator("safe_search_thresholds", mode="before")
+    @classmethod
+    def _parse_thresholds(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        out: dict[str, str] = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            label, sep, number = part.rpartition("=")
+            if not sep or not label.strip():
+                raise ValueError(f"'{part.strip()}' is not 'flag=threshold' (e.g. 'weapons=0.7')")
+            out[" ".join(label.split())] = number.strip()
+        return out
+
+    @field_validator("safe_search_thresholds", mode="after")
+    @classmethod
+    def _check_thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {label: t for label, t in value.items() if not 0.0 <= t <= 1.0}
+        if bad:
+            raise ValueError(f"flag thresholds must be between 0 and 1: {bad}")
+        return value
+
     @field_validator("cors_origins", "thumbnail_sizes", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

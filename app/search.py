@@ -8,6 +8,7 @@ It picks up a newer index written by the indexer on its own (``maybe_refresh``),
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -29,7 +30,8 @@ from app.encoder import Encoder, ModelSpec
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
-from app.store import ImageRecord, ImageStatus, Store
+from app.store import ImageLabels, ImageRecord, ImageStatus, Store, StoredTag, TagKind
+from app.tagging import TaggingPlan, label_names
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ MAX_TERMS = 16
 MAX_WEIGHT = 100.0
 MAX_TERM_CHARS = 1000
 RECORD_CACHE_SIZE = 100_000
+MAX_TAG_FILTERS = 16
+MAX_TAG_CHARS = 300
+DEFAULT_FACETS = 20
+MAX_FACETS = 100
 
 SortOrder = Literal["relevance", "date"]
 
@@ -203,10 +209,22 @@ class SearchOptions:
     min_score: float | None = None
     sort: SortOrder = "relevance"
     filters: Filters = field(default_factory=Filters)
+    #: hits must carry every one of these tags
+    tags: tuple[str, ...] = ()
+    #: leave out images with a safe-search flag
+    safe: bool = False
+    #: how many tag facets (tag -> hits carrying it) to count over the hits; 0: none
+    facets: int = DEFAULT_FACETS
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
             raise BadQuery(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if len(self.tags) > MAX_TAG_FILTERS:
+            raise BadQuery(f"at most {MAX_TAG_FILTERS} tag filters, got {len(self.tags)}: drop some")
+        if any(not t.strip() or len(t) > MAX_TAG_CHARS for t in self.tags):
+            raise BadQuery(f"a tag filter is empty or longer than {MAX_TAG_CHARS} characters: use a tag from /tags")
+        if not 0 <= self.facets <= MAX_FACETS:
+            raise BadQuery(f"facets must be between 0 and {MAX_FACETS}, got {self.facets}")
         if self.offset < 0:
             raise BadQuery(f"offset must be 0 or more, got {self.offset}")
         if self.sort not in ("relevance", "date"):
@@ -226,6 +244,8 @@ class SearchPage:
     encode_seconds: float
     #: seconds in the index search, filtering and metadata look-up
     search_seconds: float
+    #: (tag, hits carrying it) over all the hits (not only this page), most frequent first
+    facets: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -255,6 +275,27 @@ def rank(
     else:
         kept.sort(key=lambda t: (-t[1], t[0]))
     return kept
+
+
+NO_LABELS = ImageLabels()
+
+
+def accepts_labels(labels: ImageLabels, options: SearchOptions) -> bool:
+    """Whether an image's tags and flags pass the tag filters and safe search of ``options`` (pure)."""
+    if options.safe and labels.flagged:
+        return False
+    return all(tag in labels.tags for tag in options.tags)
+
+
+def count_facets(labels: Iterable[ImageLabels], limit: int) -> list[tuple[str, int]]:
+    """The ``limit`` most frequent tags over some images' labels, as (tag, count), ties by name (pure)."""
+    if limit <= 0:
+        return []
+    counts: dict[str, int] = {}
+    for item in labels:
+        for tag in item.tags:
+            counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
 
 
 class _LRU:
@@ -343,6 +384,7 @@ class SearchService:
         self._problem: str | None = None
         self.text_cache = _LRU(settings.text_cache_size)
         self.records = _RecordCache(store)
+        self.labels = _LabelCache(store, settings.index_check_seconds)
 
     # --- index lifecycle -------------------------------------------------------------------------
 
@@ -369,6 +411,7 @@ class SearchService:
             # Swap references in one step: a query already running keeps the index it started with.
             self._index, self._manifest = index, manifest
             self.records.clear()
+            self.labels.clear()
             self._problem = None
             log.info("loaded index %s with %d vectors", manifest.index_file, manifest.count)
             return manifest
@@ -584,14 +627,22 @@ class SearchService:
         candidates = candidates[:depth]
         if options.min_score is not None:
             candidates = [c for c in candidates if c[1] >= options.min_score]
+        labels: dict[int, ImageLabels] = {}
+        if options.tags or options.safe or options.facets:
+            labels = self.labels.get_many([i for i, _ in candidates])
+            if options.tags or options.safe:
+                candidates = [c for c in candidates if accepts_labels(labels[c[0]], options)]
         end = options.offset + options.k
         if options.filters.active or options.sort == "date":
             ranked = rank(candidates, self.records.get_many([i for i, _ in candidates]), options)
             total, page = len(ranked), ranked[options.offset : end]
+            hit_ids = [i for i, _, _ in ranked]
         else:
             # No metadata needed to count: read the rows of this page only.
             total, window = len(candidates), candidates[options.offset : end]
             page = rank(window, self.records.get_many([i for i, _ in window]), options)
+            hit_ids = [i for i, _ in candidates]
+        facets = count_facets((labels[i] for i in hit_ids), options.facets) if options.facets else []
         hits = [Hit(id=i, path=r.path, score=s, width=r.width, height=r.height) for i, s, r in page]
         now = time.perf_counter()
         return SearchPage(
@@ -602,7 +653,35 @@ class SearchService:
             took_ms=(now - started) * 1000.0,
             encode_seconds=encode_seconds,
             search_seconds=now - search_started,
+            facets=facets,
         )
+
+    # --- tags ------------------------------------------------------------------------------------
+
+    def image_tags(self, image_id: int) -> list[StoredTag]:
+        """The tags and flags of an image in the catalog (tags first, best first); NotFound otherwise."""
+        record = self.store.get(image_id)
+        if record.status != ImageStatus.INDEXED:
+            raise NotFound(f"image {image_id} is not in the catalog any more (status: {record.status})")
+        return self.store.tags_of(image_id)
+
+    @functools.cached_property
+    def tagging(self) -> TaggingPlan:
+        """The configured tag and flag vocabularies (read on first use)."""
+        return TaggingPlan.from_settings(self.settings)
+
+    def vocabulary_name(self, kind: TagKind) -> str | None:
+        label_set = self.tagging.tags if kind is TagKind.TAG else self.tagging.flags
+        return label_set.vocabulary.name if label_set else None
+
+    def label_counts(self, kind: TagKind, *, include_unused: bool = False) -> dict[str, int]:
+        """Label -> images of the catalog carrying it, most first; with ``include_unused``, followed by the
+        configured vocabulary's labels that no image carries (count 0)."""
+        counts = self.store.label_counts(kind, model=self.spec.name)
+        if include_unused:
+            for name in label_names(self.tagging, kind):
+                counts.setdefault(name, 0)
+        return counts
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -616,6 +695,57 @@ class SearchService:
                 f"the file of image {image_id} is gone from disk: run 'clipsearch index' again to update the catalog"
             )
         return record
+
+
+class _LabelCache:
+    """Tags and flags of recent candidates, so that filtering and counting facets needs no database round trip.
+
+    Cleared when another index is swapped in, and when the store's tags generation changes (the indexer or
+    'clipsearch tags --retag' wrote labels), which is checked at most every ``check_seconds``.
+    """
+
+    def __init__(self, store: Store, check_seconds: float, capacity: int = RECORD_CACHE_SIZE) -> None:
+        self.store = store
+        self.check_seconds = check_seconds
+        self.capacity = capacity
+        self._labels: OrderedDict[int, ImageLabels] = OrderedDict()
+        self._lock = threading.Lock()
+        self._generation: str | None = None
+        self._next_check = 0.0
+
+    def get_many(self, ids: Sequence[int]) -> dict[int, ImageLabels]:
+        self._check_generation()
+        found: dict[int, ImageLabels] = {}
+        with self._lock:
+            for i in ids:
+                labels = self._labels.get(i)
+                if labels is not None:
+                    found[i] = labels
+        missing = [i for i in ids if i not in found]
+        if missing:
+            fetched = self.store.labels_of_many(missing)
+            fetched = {i: fetched.get(i, NO_LABELS) for i in missing}
+            found.update(fetched)
+            with self._lock:
+                self._labels.update(fetched)
+                while len(self._labels) > self.capacity:
+                    self._labels.popitem(last=False)
+        return found
+
+    def _check_generation(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.check_seconds
+        generation = self.store.tags_generation()
+        with self._lock:
+            if generation != self._generation:
+                self._labels.clear()
+                self._generation = generation
+
+    def clear(self) -> None:
+        with self._lock:
+            self._labels.clear()
 
 
 def open_service(settings: Settings, *, require_index: bool = True) -> SearchService:

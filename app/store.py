@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,14 +15,19 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Float,
+    ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
     create_engine,
+    delete,
     event,
     func,
+    insert,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -32,13 +38,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from app.errors import NotFound, StoreError
 
-SCHEMA_VERSION = 2
-#: columns added after version 1, in order: (version, table, column, SQL type)
+SCHEMA_VERSION = 3
+#: columns added to existing tables after version 1, in order: (version, table, column, SQL type).
+#: New tables (version 3: image_tags) need no entry: create_all makes them before _migrate runs.
 _MIGRATIONS = [
     (2, "images", "phash", "BIGINT"),
     (2, "images", "dhash", "BIGINT"),
     (2, "images", "phash_mirror", "BIGINT"),
     (2, "images", "dhash_mirror", "BIGINT"),
+    (3, "images", "tags_key", "VARCHAR(64)"),
 ]
 HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 
@@ -47,6 +55,13 @@ class ImageStatus(enum.StrEnum):
     INDEXED = "indexed"
     FAILED = "failed"
     DELETED = "deleted"
+
+
+class TagKind(enum.StrEnum):
+    """A zero-shot label of an image: a descriptive tag, or a safe-search flag."""
+
+    TAG = "tag"
+    FLAG = "flag"
 
 
 def utcnow() -> datetime:
@@ -84,8 +99,40 @@ class ImageRow(Base):
     dhash: Mapped[int | None] = mapped_column(BigInteger)
     phash_mirror: Mapped[int | None] = mapped_column(BigInteger)
     dhash_mirror: Mapped[int | None] = mapped_column(BigInteger)
+    #: what the stored tags and flags were computed with (see app.tagging); None: not tagged since the vector changed
+    tags_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class ImageTagRow(Base):
+    """One tag or flag of an image, with its score; only those above their threshold are stored."""
+
+    __tablename__ = "image_tags"
+    # The primary key leads with image_id, so it is also the index for "the tags of these images".
+    __table_args__ = (Index("ix_image_tags_kind_label", "kind", "label", "image_id"),)
+
+    image_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    label: Mapped[str] = mapped_column(String(300), primary_key=True)
+    score: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class StoredTag:
+    kind: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageLabels:
+    """What search needs of an image's labels: its tags (names) and whether any flag is set."""
+
+    tags: frozenset[str] = frozenset()
+    flagged: bool = False
 
 
 @dataclass(frozen=True)
@@ -428,9 +475,11 @@ class Store:
                 if result.vector is not None:
                     row.embedding = vector_to_bytes(result.vector)
                     row.model = model
+                    row.tags_key = None  # a new vector: tag it again
                 elif result.status is ImageStatus.FAILED:
                     row.embedding = None
                     row.model = None
+                    row.tags_key = None
                 if result.hashes is not None:
                     for key in HASH_FIELDS:
                         setattr(row, key, hash_to_db(result.hashes[key]))
@@ -452,3 +501,124 @@ class Store:
                 )
                 done += session.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
         return done
+
+    # --- tags and flags --------------------------------------------------------------------------
+
+    def ids_to_tag(self, model: str, key: str | None) -> list[int]:
+        """Indexed images (vectors of ``model``) whose labels were not computed with ``key``: new, re-embedded,
+        or tagged under another vocabulary, threshold or model. ``key=None``: every indexed image."""
+        stmt = (
+            select(ImageRow.id)
+            .where(ImageRow.status == ImageStatus.INDEXED, ImageRow.model == model, ImageRow.embedding.is_not(None))
+            .order_by(ImageRow.id)
+        )
+        if key is not None:
+            stmt = stmt.where(or_(ImageRow.tags_key.is_(None), ImageRow.tags_key != key))
+        with self._sessions() as session:
+            return [int(i) for i in session.scalars(stmt)]
+
+    def save_tags(self, labels: Mapping[int, Sequence[StoredTag]], key: str) -> None:
+        """Replace the tags and flags of these images and record ``key`` on them, in one transaction."""
+        ids = [int(i) for i in labels]
+        if not ids:
+            return
+        rows = [
+            {"image_id": int(image_id), "kind": tag.kind, "label": tag.label, "score": float(tag.score)}
+            for image_id, tags in labels.items()
+            for tag in tags
+        ]
+        with self._sessions.begin() as session:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                session.execute(delete(ImageTagRow).where(ImageTagRow.image_id.in_(chunk)))
+                session.execute(update(ImageRow).where(ImageRow.id.in_(chunk)).values(tags_key=key))
+            if rows:
+                session.execute(insert(ImageTagRow), rows)
+            self._touch_tags(session)
+
+    def _touch_tags(self, session: Any) -> None:
+        """A new random generation token: readers that cache labels compare it to know they changed."""
+        row = session.get(Meta, "tags_generation")
+        token = uuid.uuid4().hex
+        if row is None:
+            session.add(Meta(key="tags_generation", value=token))
+        else:
+            row.value = token
+
+    def tags_generation(self) -> str:
+        """Changes whenever any image's tags or flags are written."""
+        with self._sessions() as session:
+            row = session.get(Meta, "tags_generation")
+            return row.value if row else ""
+
+    def tags_of(self, image_id: int) -> list[StoredTag]:
+        """The tags and flags of one image: tags first, each kind best first."""
+        stmt = (
+            select(ImageTagRow.kind, ImageTagRow.label, ImageTagRow.score)
+            .where(ImageTagRow.image_id == int(image_id))
+            .order_by(ImageTagRow.kind.desc(), ImageTagRow.score.desc(), ImageTagRow.label)
+        )
+        with self._sessions() as session:
+            return [StoredTag(kind, label, float(score)) for kind, label, score in session.execute(stmt)]
+
+    def labels_of_many(self, ids: Sequence[int]) -> dict[int, ImageLabels]:
+        """Tag names and flagged-or-not of each of ``ids`` (an image with neither is left out)."""
+        tags: dict[int, set[str]] = {}
+        flagged: set[int] = set()
+        wanted = [int(i) for i in ids]
+        with self._sessions() as session:
+            for i in range(0, len(wanted), 500):
+                stmt = select(ImageTagRow.image_id, ImageTagRow.kind, ImageTagRow.label).where(
+                    ImageTagRow.image_id.in_(wanted[i : i + 500])
+                )
+                for image_id, kind, label in session.execute(stmt):
+                    if kind == TagKind.FLAG:
+                        flagged.add(image_id)
+                    else:
+                        tags.setdefault(image_id, set()).add(label)
+        return {i: ImageLabels(frozenset(tags.get(i, ())), i in flagged) for i in wanted if i in tags or i in flagged}
+
+    def label_counts(self, kind: TagKind, model: str | None = None) -> dict[str, int]:
+        """Label -> number of indexed images carrying it (with vectors of ``model``, when given), most first."""
+        count = func.count(ImageTagRow.image_id)
+        stmt = (
+            select(ImageTagRow.label, count)
+            .join(ImageRow, ImageRow.id == ImageTagRow.image_id)
+            .where(ImageTagRow.kind == kind.value, ImageRow.status == ImageStatus.INDEXED)
+            .group_by(ImageTagRow.label)
+            .order_by(count.desc(), ImageTagRow.label)
+        )
+        if model is not None:
+            stmt = stmt.where(ImageRow.model == model)
+        with self._sessions() as session:
+            return {label: int(n) for label, n in session.execute(stmt)}
+
+    def ids_with_tags(self, labels: Iterable[str]) -> set[int]:
+        """Indexed images carrying every one of the tags ``labels``."""
+        wanted = sorted(set(labels))
+        if not wanted:
+            return set()
+        stmt = (
+            select(ImageTagRow.image_id)
+            .join(ImageRow, ImageRow.id == ImageTagRow.image_id)
+            .where(
+                ImageTagRow.kind == TagKind.TAG.value,
+                ImageTagRow.label.in_(wanted),
+                ImageRow.status == ImageStatus.INDEXED,
+            )
+            .group_by(ImageTagRow.image_id)
+            .having(func.count(ImageTagRow.label) == len(wanted))
+        )
+        with self._sessions() as session:
+            return {int(i) for i in session.scalars(stmt)}
+
+    def flagged_ids(self) -> set[int]:
+        """Indexed images with at least one safe-search flag."""
+        stmt = (
+            select(ImageTagRow.image_id)
+            .join(ImageRow, ImageRow.id == ImageTagRow.image_id)
+            .where(ImageTagRow.kind == TagKind.FLAG.value, ImageRow.status == ImageStatus.INDEXED)
+            .distinct()
+        )
+        with self._sessions() as session:
+            return {int(i) for i in session.scalars(stmt)}

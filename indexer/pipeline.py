@@ -21,6 +21,8 @@ from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, VectorIndex, choose_kind
 from app.store import FileState, ImageResult, ImageStatus, Store
+from app.tagging import TaggingPlan, tag_images
+from app.zeroshot import classifier_cache_dir
 from indexer.walk import FileInfo, is_under, scan
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,10 @@ class IndexSummary:
     failed: int = 0
     hashed: int = 0
     embedded: int = 0
+    #: images given tags and flags from their stored vectors (new, re-embedded, or labelled under other settings)
+    tagged: int = 0
     seconds: float = 0.0
+    tag_seconds: float = 0.0
     index_count: int = 0
     index_rebuilt: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -46,15 +51,18 @@ class IndexSummary:
 
     @property
     def rate(self) -> float:
-        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+        seconds = self.seconds - self.tag_seconds
+        return self.embedded / seconds if seconds > 0 else 0.0
 
     def lines(self, max_failures: int = 5) -> list[str]:
         out = [
             f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, reused {self.reused}, "
             f"removed {self.removed}, failed {self.failed}"
             + (f", hashes added to {self.hashed} existing" if self.hashed else ""),
-            f"embedded {self.embedded} images in {self.seconds:.1f}s ({self.rate:.1f} img/s); "
-            f"index holds {self.index_count} vectors" + (" (rebuilt from the store)" if self.index_rebuilt else ""),
+            f"embedded {self.embedded} images in {self.seconds - self.tag_seconds:.1f}s ({self.rate:.1f} img/s); "
+            + (f"tagged {self.tagged} in {self.tag_seconds:.1f}s; " if self.tagged else "")
+            + f"index holds {self.index_count} vectors"
+            + (" (rebuilt from the store)" if self.index_rebuilt else ""),
         ]
         for path, reason in self.failures[:max_failures]:
             out.append(f"  failed: {path}: {reason}")
@@ -95,6 +103,8 @@ class Indexer:
         self.progress = progress
         self.model_key = encoder.spec.name
         self.draft_size = model_draft_size(encoder.image_size)
+        # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
+        self.tagging = TaggingPlan.from_settings(settings)
 
     def run(
         self,
@@ -143,9 +153,27 @@ class Indexer:
         summary.removed = self.store.mark_deleted(gone)
         touched.update(gone)
 
+        # Before the index is saved: a service that swaps in the new index finds the new images' tags.
+        tag_started = time.perf_counter()
+        summary.tagged = self.tag()
+        summary.tag_seconds = time.perf_counter() - tag_started
+
         summary.index_count, summary.index_rebuilt = self._update_index(touched, rebuild)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def tag(self, *, everything: bool = False) -> int:
+        """Tags and flags for the indexed images that lack them or have stale ones (``everything``: all),
+        from their stored vectors. Returns how many images were labelled."""
+        return tag_images(
+            self.store,
+            self.tagging,
+            self.encoder,
+            self.model_key,
+            cache_dir=classifier_cache_dir(self.settings),
+            everything=everything,
+            progress=self.progress,
+        )
 
     def _is_unchanged(self, state: FileState | None, info: FileInfo, retry_failed: bool) -> bool:
         if state is None or state.size != info.size or state.mtime != info.mtime:

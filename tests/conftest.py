@@ -24,6 +24,30 @@ def pytest_report_header() -> list[str]:
     ]
 
 
+#: The tag vocabulary of every test that does not choose one (see small_tag_vocabulary).
+TEST_TAG_VOCABULARY = """\
+name: test-tags
+templates: single
+labels: [dog, cat, car, food, building, tree]
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_tag_vocabulary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests tag with six labels: the built-in ImageNet vocabulary (~80k prompts) takes minutes to encode for each
+    new data dir. Settings built in tests, and the CLI and servers they start, read this from the environment; a
+    test that wants another vocabulary passes ``tag_vocabulary=`` (arguments win over the environment)."""
+    path = tmp_path_factory.mktemp("vocabulary") / "test-tags.yaml"
+    path.write_text(TEST_TAG_VOCABULARY)
+    before = os.environ.get("CLIPSEARCH_TAG_VOCABULARY")
+    os.environ["CLIPSEARCH_TAG_VOCABULARY"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("CLIPSEARCH_TAG_VOCABULARY", None)
+    else:
+        os.environ["CLIPSEARCH_TAG_VOCABULARY"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not DATA.exists():

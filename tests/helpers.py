@@ -79,3 +79,51 @@ def copy_photos(dest: Path, count: int, source: Path | None = None) -> list[Path
         shutil.copy2(src, target)
         out.append(target)
     return out
+
+
+#: Caltech-101 folders the instrument model tells apart well, with the tag each should get.
+CALTECH_TAGS = {
+    "Leopards": "leopard",
+    "airplanes": "airplane",
+    "Motorbikes": "motorbike",
+    "sunflower": "sunflower",
+    "pizza": "pizza",
+    "revolver": "revolver",
+}
+#: A tag vocabulary for them (and a few labels none of them shows).
+CALTECH_TAG_VOCABULARY = """\
+name: caltech-test
+templates: simple
+threshold: 0.05
+labels: [leopard, airplane, motorbike, sunflower, pizza, revolver, wrist watch, elephant, chair, lamp]
+"""
+#: A flag vocabulary that flags the revolver photos (and nothing else of CALTECH_TAGS).
+WEAPON_FLAG_VOCABULARY = """\
+name: weapon-flags
+templates: []
+labels:
+  - name: weapons
+    prompts: ["a photo of a revolver.", "a photo of a gun."]
+    threshold: 0.5
+background:
+  - "a photo."
+  - "a photo of an animal."
+  - "a photo of a leopard."
+  - "a photo of an airplane."
+  - "a photo of a motorbike."
+  - "a photo of a flower."
+  - "a photo of food."
+"""
+
+
+def copy_caltech(dest: Path, per_class: int = 3, classes: dict[str, str] | None = None) -> dict[Path, str]:
+    """The first ``per_class`` photos of each Caltech-101 folder in ``classes`` copied into ``dest``, by new path
+    with the tag each should get."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out: dict[Path, str] = {}
+    for folder, tag in (classes or CALTECH_TAGS).items():
+        for source in sorted((DATA / "caltech101" / folder).glob("*.jpg"))[:per_class]:
+            target = dest / f"{folder.lower()}_{source.name}"
+            shutil.copy2(source, target)
+            out[target] = tag
+    return out

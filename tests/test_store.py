@@ -143,3 +143,77 @@ def test_version_1_database_is_migrated_in_place(tmp_path) -> None:  # type: ign
         np.testing.assert_array_equal(store.vector(state.id), np.ones(4))
     finally:
         store.close()
+
+
+def test_tags_and_flags_round_trip_and_are_replaced_as_a_whole(any_store_url: str) -> None:
+    from app.store import StoredTag, TagKind
+
+    store = Store(any_store_url)
+    try:
+        ids = store.save_results(
+            [_result(f"/p/{n}.jpg", n * 64, np.ones(4, np.float32)) for n in "abc"]
+            + [_result("/p/gone.jpg", "d" * 64, np.ones(4, np.float32))],
+            "m",
+        )
+        a, b, c, gone = (ids[f"/p/{n}.jpg"] for n in ("a", "b", "c", "gone"))
+        assert store.ids_to_tag("m", "k1") == sorted(ids.values())
+        generation = store.tags_generation()
+        dog, beach, nudity = (
+            StoredTag("tag", "dog", 0.9),
+            StoredTag("tag", "beach", 0.4),
+            StoredTag("flag", "nudity", 0.8),
+        )
+        store.save_tags({a: [beach, dog], b: [dog, nudity], c: [], gone: [dog]}, "k1")
+        assert store.tags_generation() != generation
+        store.mark_deleted([gone])
+        assert store.ids_to_tag("m", "k1") == [] and store.ids_to_tag("m", "k2") == [a, b, c]
+        assert store.ids_to_tag("m", None) == [a, b, c]
+        assert store.tags_of(a) == [dog, beach]  # tags first, best first
+        assert store.tags_of(b) == [dog, nudity]
+        assert store.label_counts(TagKind.TAG) == {"dog": 2, "beach": 1}  # the deleted image is not counted
+        assert store.label_counts(TagKind.TAG, model="other") == {}
+        assert store.label_counts(TagKind.FLAG) == {"nudity": 1}
+        assert store.ids_with_tags(["dog"]) == {a, b} and store.ids_with_tags(["dog", "beach"]) == {a}
+        assert store.flagged_ids() == {b}
+        labels = store.labels_of_many([a, b, c])
+        assert labels[a].tags == {"dog", "beach"} and not labels[a].flagged and labels[b].flagged and c not in labels
+        store.save_tags({a: [StoredTag("tag", "cat", 0.5)]}, "k2")
+        assert store.tags_of(a) == [StoredTag("tag", "cat", 0.5)]
+        # a new vector means new tags are due
+        store.save_results([_result("/p/b.jpg", "e" * 64, np.zeros(4, np.float32))], "m")
+        assert store.ids_to_tag("m", "k1") == [a, b]
+    finally:
+        store.close()
+
+
+def test_version_2_database_gains_tags_in_place(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import create_engine, inspect, text
+
+    url = f"sqlite:///{tmp_path / 'v2.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:  # the version 2 schema: version 1 plus the perceptual hashes
+        conn.execute(
+            text(
+                "CREATE TABLE images (id INTEGER PRIMARY KEY, path VARCHAR(4096) UNIQUE, sha256 VARCHAR(64), "
+                "size BIGINT, mtime FLOAT, width INTEGER, height INTEGER, format VARCHAR(16), status VARCHAR(16), "
+                "error TEXT, model VARCHAR(1024), embedding BLOB, phash BIGINT, dhash BIGINT, phash_mirror BIGINT, "
+                "dhash_mirror BIGINT, created_at DATETIME, updated_at DATETIME)"
+            )
+        )
+        conn.execute(text("CREATE TABLE clipsearch_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)"))
+        conn.execute(text("INSERT INTO clipsearch_meta VALUES ('schema_version', '2')"))
+        conn.execute(
+            text(
+                "INSERT INTO images (path, size, mtime, status, model, embedding) "
+                "VALUES ('/old.jpg', 1, 2.0, 'indexed', 'm', :e)"
+            ),
+            {"e": np.ones(4, dtype="<f4").tobytes()},
+        )
+    engine.dispose()
+    store = Store(url)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert "image_tags" in inspect(store.engine).get_table_names()
+        assert store.ids_to_tag("m", "any") == [1]  # untagged: the next index run tags it from its vector
+    finally:
+        store.close()

@@ -11,7 +11,16 @@ from fastapi import Depends, Header, HTTPException, Query, Request, UploadFile
 from app.api.errors import upload_too_large
 from app.config import Settings
 from app.errors import NotReady
-from app.search import Filters, SearchOptions, SearchService, SortOrder, parse_formats, to_timestamp
+from app.search import (
+    DEFAULT_FACETS,
+    MAX_FACETS,
+    Filters,
+    SearchOptions,
+    SearchService,
+    SortOrder,
+    parse_formats,
+    to_timestamp,
+)
 
 MAX_PAGE = 200
 MAX_ID = 2**63 - 1
@@ -59,6 +68,14 @@ async def search_options(
     sort: Annotated[
         SortOrder, Query(description="relevance, or date (newest first, among the hits above min_score).")
     ] = "relevance",
+    tag: Annotated[
+        list[str] | None,
+        Query(description="Only images with this tag (see /tags); repeat for images with all of them."),
+    ] = None,
+    safe: Annotated[bool, Query(description="Safe search: leave out images with a safe-search flag.")] = False,
+    facets: Annotated[
+        int, Query(ge=0, le=MAX_FACETS, description="How many tag facets to count over the hits (0: none).")
+    ] = DEFAULT_FACETS,
 ) -> SearchOptions:
     filters = Filters(
         prefix=prefix or None,
@@ -68,7 +85,16 @@ async def search_options(
         modified_after=to_timestamp(modified_after),
         modified_before=to_timestamp(modified_before),
     )
-    return SearchOptions(k=k, offset=offset, min_score=min_score, sort=sort, filters=filters)
+    return SearchOptions(
+        k=k,
+        offset=offset,
+        min_score=min_score,
+        sort=sort,
+        filters=filters,
+        tags=tuple(dict.fromkeys(" ".join(t.split()) for t in tag or ())),
+        safe=safe,
+        facets=facets,
+    )
 
 
 def read_upload(file: UploadFile, limit: int) -> bytes:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import routes_admin, routes_health, routes_images, routes_search
+from app.api import routes_admin, routes_health, routes_images, routes_search, routes_tags
 from app.api.errors import install_error_handlers
 from app.api.limits import MULTIPART_OVERHEAD_BYTES, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
@@ -33,6 +33,8 @@ Semantic search over your own photos with CLIP.
   `sort=relevance|date` and pagination (`offset`, `k`).
 * `GET /similar/{id}`, `POST /search/image` (multipart field `file`): image to images.
 * `GET /images/{id}`, `GET /images/{id}/thumbnail?size=256`: the files, by id.
+* Zero-shot tags: `tag=` (repeatable) and `safe=true` on the searches, `facets` in their answers;
+  `GET /tags` (labels with counts), `GET /images/{id}/tags` (an image's tags and flags with scores).
 * `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
 
 Errors are JSON `{"detail": "..."}`: 422 bad parameters, 404 unknown id, 413 upload too large, 415 not an image,
@@ -89,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_search.router)
     app.include_router(routes_search.upload_router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.include_router(routes_images.router)
+    app.include_router(routes_tags.router)
     app.include_router(routes_admin.router)
     _mount_frontend(app, settings.frontend_dir or DEFAULT_FRONTEND_DIR)
     return app

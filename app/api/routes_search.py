@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
 from app.api.deps import MAX_ID, OptionsDep, ServiceDep, SettingsDep, read_upload
 from app.api.metrics import Metrics
-from app.api.schemas import SearchHit, SearchResponse, error_responses
+from app.api.schemas import SearchHit, SearchResponse, TagCount, error_responses
 from app.search import MAX_TERMS, SearchPage, SearchService
 
 router = APIRouter(tags=["search"])
@@ -31,6 +31,8 @@ SEARCH_DESCRIPTION = """
 Text to images, ranked by cosine similarity. Hits are drawn from the top candidates of the index (the candidate
 depth, `CLIPSEARCH_SEARCH_MAX_CANDIDATES`, 1000 by default); `min_score` and the filters are applied to those,
 `total` counts what passes, and `offset`/`k` page through it. `sort=date` orders the same hits newest first.
+`tag=` keeps images carrying every listed tag, `safe=true` leaves out images with a safe-search flag, and
+`facets` counts the most frequent tags over all those hits (zero-shot tags computed at index time; see /tags).
 """
 
 
@@ -63,6 +65,7 @@ def present(request: Request, service: SearchService, page: SearchPage, query: s
             )
             for hit in page.hits
         ],
+        facets=[TagCount(label=label, count=count) for label, count in page.facets],
     )
 
 

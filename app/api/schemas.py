@@ -17,6 +17,11 @@ class SearchHit(BaseModel):
     thumbnail_url: str = Field(description="A small upright JPEG/WebP of it.")
 
 
+class TagCount(BaseModel):
+    label: str = Field(description="A tag (or flag) of the configured vocabulary.")
+    count: int = Field(description="How many images carry it (among the hits, for search facets).")
+
+
 class SearchResponse(BaseModel):
     query: str = Field(description="The query as understood (terms, image id or upload name).")
     model: str = Field(description="The CLIP model that embedded the catalog and the query.")
@@ -28,6 +33,28 @@ class SearchResponse(BaseModel):
     offset: int
     k: int
     hits: list[SearchHit]
+    facets: list[TagCount] = Field(
+        default_factory=list,
+        description="The most frequent tags over all the hits (not only this page), most first; filter with tag=.",
+    )
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    score: float = Field(description="Zero-shot probability, 0..1 (stored only above the label's threshold).")
+
+
+class ImageTags(BaseModel):
+    id: int
+    tags: list[ScoredLabel] = Field(description="Its best tags, best first (CLIPSEARCH_TAG_TOP_K at most).")
+    flags: list[ScoredLabel] = Field(description="Its safe-search flags; safe=true hides an image that has any.")
+
+
+class TagsResponse(BaseModel):
+    vocabulary: str | None = Field(description="The tag vocabulary (CLIPSEARCH_TAG_VOCABULARY); null: disabled.")
+    safe_search_vocabulary: str | None = Field(description="The flag vocabulary; null: disabled.")
+    tags: list[TagCount] = Field(description="Tags with the number of images carrying them, most first.")
+    flags: list[TagCount] = Field(description="Safe-search flags with the number of images carrying them.")
 
 
 class Health(BaseModel):

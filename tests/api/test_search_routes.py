@@ -34,7 +34,7 @@ def assert_error(response, status: int, *words: str) -> None:
 
 def test_search_returns_ranked_hits_with_links(client: TestClient, catalog: Catalog) -> None:
     body = search(client, q="a dog on a beach", k=5)
-    assert set(body) == {"query", "model", "took_ms", "total", "offset", "k", "hits"}
+    assert set(body) == {"query", "model", "took_ms", "total", "offset", "k", "hits", "facets"}
     assert body["query"] == "a dog on a beach"
     assert body["model"].startswith("local-dir:")
     assert body["total"] == len(catalog.files)
