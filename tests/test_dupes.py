@@ -1,27 +1,36 @@
-"""Near-duplicate core (app.dupes): hashes, hash index, geometric verification, verdicts, grouping."""
+"""Near-duplicate core (app.dupes): hashes, hash index, local features, verification, verdicts, grouping."""
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from app.dupes import (
+    FEATURES_VERSION,
     HASH_FIELDS,
+    Candidate,
+    DupeThresholds,
+    FeatureIndex,
     HashIndex,
     ImageHashes,
     PreparedImage,
     Verdict,
+    compare,
     group_duplicates,
     hamming,
+    lookup,
     pack_hashes,
-    prepare_image,
+    prepare_catalog_image,
+    prepare_query,
+    verify,
 )
 
 OPENCV = Path("photo-samples") / "opencv"
@@ -37,14 +46,28 @@ def _jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def _sample(shared_data: Path, name: str) -> Image.Image:
+    return _open(shared_data, str(OPENCV / name))
+
+
 @pytest.fixture(scope="module")
 def fruits(shared_data: Path) -> Image.Image:
-    return _open(shared_data, str(OPENCV / "fruits.jpg"))
+    return _sample(shared_data, "fruits.jpg")
 
 
 @pytest.fixture(scope="module")
 def fruits_prepared(fruits: Image.Image) -> PreparedImage:
-    return prepare_image(fruits, mirrored=False)
+    return prepare_catalog_image(fruits)
+
+
+@pytest.fixture(scope="module")
+def building(shared_data: Path) -> Image.Image:
+    return _sample(shared_data, "building.jpg")
+
+
+@pytest.fixture(scope="module")
+def building_prepared(building: Image.Image) -> PreparedImage:
+    return prepare_catalog_image(building)
 
 
 # --- hashes --------------------------------------------------------------------------------------
@@ -158,3 +181,245 @@ def test_group_duplicates_joins_chains_and_ignores_similar_pairs() -> None:
     assert group_duplicates(pairs, min_verdict="exact") == [[2, 3]]
     assert group_duplicates(pairs, min_verdict="similar") == [[1, 2, 3], [4, 5], [6, 7]]
     assert group_duplicates([]) == []
+
+
+# --- prepared features ---------------------------------------------------------------------------
+
+
+def test_prepared_image_survives_serialisation(fruits: Image.Image) -> None:
+    prepared = prepare_query(fruits)
+    restored = PreparedImage.from_bytes(prepared.to_bytes())
+    assert (restored.width, restored.height, restored.pixel_digest) == (
+        fruits.width,
+        fruits.height,
+        prepared.pixel_digest,
+    )
+    assert restored.hashes == prepared.hashes
+    np.testing.assert_array_equal(restored.features.descriptors, prepared.features.descriptors)
+    np.testing.assert_array_equal(restored.features.points, prepared.features.points)
+    np.testing.assert_array_equal(restored.thumb, prepared.thumb)
+    assert restored.mirrored is not None and prepared.mirrored is not None
+    np.testing.assert_array_equal(restored.mirrored.descriptors, prepared.mirrored.descriptors)
+    assert compare(restored, prepare_catalog_image(fruits)).verdict == Verdict.EXACT
+    assert PreparedImage.from_bytes(prepared.without_mirror().to_bytes()).mirrored is None
+
+
+def test_features_of_another_version_are_refused(fruits_prepared: PreparedImage) -> None:
+    data = fruits_prepared.to_bytes()
+    with np.load(io.BytesIO(data)) as npz:
+        arrays = dict(npz)
+    arrays["meta"][0] = FEATURES_VERSION + 1
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    with pytest.raises(ValueError, match="prepare the image again"):
+        PreparedImage.from_bytes(buffer.getvalue())
+
+
+def test_catalog_images_keep_fewer_keypoints_than_queries_and_no_mirror(fruits: Image.Image) -> None:
+    query, catalog = prepare_query(fruits), prepare_catalog_image(fruits)
+    assert catalog.mirrored is None and query.mirrored is not None
+    assert 100 < len(catalog.features) < len(query.features)
+    assert max(catalog.features.work_size) == 512  # matched at a bounded size whatever the photo's size
+
+
+def test_soft_and_tiny_images_still_get_keypoints(fruits: Image.Image) -> None:
+    tiny = fruits.resize((40, 38))
+    prepared = prepare_catalog_image(tiny)
+    assert max(prepared.features.work_size) == 256  # enlarged so that ORB's patches fit
+    assert len(prepared.features) >= 50
+
+
+# --- geometric verification and verdicts ------------------------------------------------------------
+
+
+def test_an_unchanged_image_is_exact(fruits: Image.Image, fruits_prepared: PreparedImage) -> None:
+    evidence = compare(prepare_query(fruits.copy()), fruits_prepared)
+    assert evidence.verdict == Verdict.EXACT and evidence.same_pixels
+    assert evidence.reason == "identical decoded pixels"
+
+
+def test_equal_hashes_and_size_are_exact_without_identical_pixels(
+    fruits: Image.Image, fruits_prepared: PreparedImage
+) -> None:
+    touched = fruits.copy()
+    touched.putpixel((3, 3), (0, 255, 0))
+    evidence = compare(prepare_query(touched), fruits_prepared)
+    assert not evidence.same_pixels
+    assert (evidence.hashes.phash, evidence.hashes.dhash) == (0, 0)
+    assert evidence.verdict == Verdict.EXACT and "distance 0" in evidence.reason
+
+
+def test_a_re_encoded_copy_is_a_near_duplicate_covering_the_whole_image(
+    fruits: Image.Image, fruits_prepared: PreparedImage
+) -> None:
+    evidence = compare(prepare_query(_jpeg(fruits, 30)), fruits_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE
+    assert evidence.inliers >= 100 and evidence.geometry.agreement > 0.9
+    assert evidence.query_box.area / (fruits.width * fruits.height) > 0.95
+    assert evidence.candidate_box.area / (fruits.width * fruits.height) > 0.95
+
+
+def test_a_crop_to_half_the_sides_is_found_with_its_region_in_the_original(
+    building: Image.Image, building_prepared: PreparedImage
+) -> None:
+    x0, y0 = 300, 120
+    w, h = building.width // 2, building.height // 2
+    crop = _jpeg(building.crop((x0, y0, x0 + w, y0 + h)), 90)
+    evidence = compare(prepare_query(crop), building_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE
+    box = evidence.candidate_box
+    assert abs(box.x0 - x0) < 8 and abs(box.y0 - y0) < 8
+    assert abs(box.x1 - (x0 + w)) < 8 and abs(box.y1 - (y0 + h)) < 8
+    assert evidence.geometry.query_overlap > 0.97  # the whole crop lies inside the original
+    transform = evidence.geometry.transform
+    assert transform is not None
+    corner = transform @ np.array([x0 + 100, y0 + 50, 1.0])
+    assert np.allclose(corner[:2] / corner[2], [100, 50], atol=4)
+
+
+def test_a_flipped_copy_is_verified_through_the_mirror_image(
+    fruits: Image.Image, fruits_prepared: PreparedImage
+) -> None:
+    query = prepare_query(_jpeg(ImageOps.mirror(fruits), 90))
+    evidence = compare(query, fruits_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE and evidence.geometry.mirrored
+    assert "mirrored" in evidence.reason
+    unflippable = replace(query, mirrored=None)
+    assert compare(unflippable, fruits_prepared).verdict != Verdict.NEAR_DUPLICATE
+
+
+@pytest.mark.parametrize("degrees", [10, -5, 90])
+def test_a_rotated_copy_is_a_near_duplicate(
+    building: Image.Image, building_prepared: PreparedImage, degrees: int
+) -> None:
+    rotated = building.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=degrees == 90)
+    evidence = compare(prepare_query(_jpeg(rotated, 90)), building_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE
+    assert evidence.inliers >= 50
+
+
+def test_a_bordered_copy_is_found_inside_the_border(fruits: Image.Image, fruits_prepared: PreparedImage) -> None:
+    bordered = ImageOps.expand(fruits, border=(60, 30, 60, 30), fill=(20, 200, 40))
+    evidence = compare(prepare_query(_jpeg(bordered, 90)), fruits_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE
+    box = evidence.query_box
+    assert abs(box.x0 - 60) < 6 and abs(box.y0 - 30) < 6 and abs(box.x1 - (60 + fruits.width)) < 6
+    assert evidence.geometry.candidate_overlap > 0.97
+
+
+def test_a_copy_with_a_text_overlay_on_a_larger_canvas_is_a_near_duplicate(
+    building: Image.Image, building_prepared: PreparedImage
+) -> None:
+    canvas = Image.new("RGB", (building.width + 400, building.height + 300), (240, 240, 240))
+    canvas.paste(building, (150, 100))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((200, 300), "(c) someone else 2024", font=ImageFont.load_default(size=48), fill=(255, 255, 255))
+    evidence = compare(prepare_query(_jpeg(canvas, 85)), building_prepared)
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE
+    assert evidence.geometry.candidate_overlap > 0.97 and evidence.geometry.query_overlap < 0.8
+
+
+def test_two_photos_of_one_scene_are_similar_not_duplicates(shared_data: Path) -> None:
+    for left, right in (("aloeL.jpg", "aloeR.jpg"), ("leuvenA.jpg", "leuvenB.jpg")):
+        evidence = compare(
+            prepare_query(_sample(shared_data, left)), prepare_catalog_image(_sample(shared_data, right))
+        )
+        assert evidence.verdict == Verdict.SIMILAR, evidence.reason
+        assert evidence.inliers >= 15 and "not a copy" in evidence.reason
+
+
+def test_a_burst_shot_of_the_same_person_is_not_a_duplicate(shared_data: Path) -> None:
+    # Same person, pose and room seconds apart: the background aligns, the face does not.
+    query = prepare_query(_open(shared_data, "caltech101/Faces_easy/image_0373.jpg"))
+    burst = compare(query, prepare_catalog_image(_open(shared_data, "caltech101/Faces/image_0374.jpg")))
+    same = compare(query, prepare_catalog_image(_open(shared_data, "caltech101/Faces/image_0373.jpg")))
+    assert burst.verdict == Verdict.SIMILAR and burst.inliers >= 15
+    assert same.verdict == Verdict.NEAR_DUPLICATE  # the same photo, cropped tighter
+
+
+def test_unrelated_photos_are_different(fruits_prepared: PreparedImage, shared_data: Path) -> None:
+    evidence = compare(prepare_query(_sample(shared_data, "baboon.jpg")), fruits_prepared)
+    assert evidence.verdict == Verdict.DIFFERENT
+    assert evidence.inliers < 15
+
+
+def test_verify_reports_no_match_for_featureless_images(fruits_prepared: PreparedImage) -> None:
+    blank = prepare_query(Image.new("RGB", (300, 200), (128, 128, 128)))
+    match = verify(blank, fruits_prepared)
+    assert match.inliers == 0 and match.model == "none"
+
+
+def test_thresholds_decide_the_verdict(fruits: Image.Image, fruits_prepared: PreparedImage) -> None:
+    query = prepare_query(_jpeg(fruits.rotate(7, resample=Image.Resampling.BICUBIC), 80))
+    assert compare(query, fruits_prepared).verdict == Verdict.NEAR_DUPLICATE
+    strict = compare(query, fruits_prepared, thresholds=DupeThresholds(min_agreement=1.0, hash_near=0))
+    assert strict.verdict == Verdict.SIMILAR and "agrees pixel-wise" in strict.reason
+    blind = DupeThresholds(min_inliers=10_000, similar_inliers=10_000, hash_near=0, hash_similar=0)
+    assert compare(query, fruits_prepared, thresholds=blind).verdict == Verdict.DIFFERENT
+
+
+def test_close_hashes_decide_when_local_features_cannot(shared_data: Path) -> None:
+    # A smooth gradient has almost no corners: the hashes vouch for its re-encoded copy.
+    ramp = np.tile(np.linspace(0, 255, 320, dtype=np.float32), (240, 1))
+    image = Image.fromarray(np.stack([ramp, ramp[::-1] * 0.5, np.full_like(ramp, 90)], axis=2).astype(np.uint8))
+    evidence = compare(prepare_query(_jpeg(image, 60)), prepare_catalog_image(image))
+    assert evidence.inliers < 15
+    assert evidence.verdict == Verdict.NEAR_DUPLICATE and "hashes nearly equal" in evidence.reason
+
+
+def test_a_clip_cosine_alone_makes_a_pair_similar(fruits_prepared: PreparedImage, shared_data: Path) -> None:
+    query = prepare_query(_sample(shared_data, "baboon.jpg"))
+    assert compare(query, fruits_prepared, cosine=0.95).verdict == Verdict.SIMILAR
+    assert compare(query, fruits_prepared, cosine=0.2).verdict == Verdict.DIFFERENT
+
+
+def test_evidence_is_json_ready(fruits: Image.Image, fruits_prepared: PreparedImage) -> None:
+    evidence = compare(prepare_query(_jpeg(fruits, 50)), fruits_prepared, cosine=0.97)
+    data = json.loads(json.dumps(evidence.to_dict()))
+    assert data["verdict"] == "near_duplicate" and data["cosine"] == 0.97
+    assert len(data["query_box"]) == 4 and data["inliers"] == evidence.inliers
+    assert set(data) >= {"phash_distance", "dhash_distance", "phash_distance_mirrored", "dhash_distance_mirrored"}
+
+
+# --- lookup --------------------------------------------------------------------------------------
+
+
+def test_lookup_ranks_by_verdict_and_gives_the_overall_verdict(
+    fruits: Image.Image, fruits_prepared: PreparedImage, building_prepared: PreparedImage, shared_data: Path
+) -> None:
+    query = prepare_query(_jpeg(fruits, 40))
+    aloe_l = prepare_catalog_image(_sample(shared_data, "aloeL.jpg"))
+    candidates = [
+        Candidate(3, building_prepared, cosine=0.99),  # CLIP's favourite, but another photo: similar at most
+        Candidate(7, fruits_prepared),
+        Candidate(9, aloe_l),
+        Candidate(7, fruits_prepared, cosine=0.5),  # the same id twice is compared once
+    ]
+    result = lookup(query, candidates)
+    assert result.verdict == Verdict.NEAR_DUPLICATE
+    assert [m.id for m in result.matches] == [7, 3]
+    assert [m.verdict for m in result.matches] == [Verdict.NEAR_DUPLICATE, Verdict.SIMILAR]
+    assert result.matches[0].evidence.cosine == 0.5
+    everything = lookup(query, candidates, min_verdict=Verdict.DIFFERENT)
+    assert [m.id for m in everything.matches] == [7, 3, 9]
+    assert lookup(query, candidates, min_verdict="near_duplicate", limit=1).to_dict()["matches"][0]["id"] == 7
+    assert lookup(query, []).verdict == Verdict.DIFFERENT
+
+
+# --- the local-feature shortlist ---------------------------------------------------------------------
+
+
+def test_feature_index_shortlists_the_original_of_a_crop_among_distractors(shared_data: Path) -> None:
+    names = ["fruits.jpg", "building.jpg", "baboon.jpg", "home.jpg", "aero1.jpg", "butterfly.jpg", "messi5.jpg"]
+    catalog = [prepare_catalog_image(_sample(shared_data, n)) for n in names]
+    index = FeatureIndex.build(list(range(10, 17)), catalog)
+    assert len(index) == 7
+    home = _sample(shared_data, "home.jpg")
+    crop = home.crop((home.width // 4, home.height // 4, home.width * 3 // 4, home.height * 3 // 4))
+    query = prepare_query(_jpeg(ImageOps.mirror(crop), 80))
+    hits = index.search(query, 3)
+    assert hits[0].id == 13 and hits[0].mirrored
+    assert hits[0].votes > 3 * max([h.votes for h in hits[1:]] + [1])
+    assert index.remove([13]) == 1 and 13 not in index
+    assert all(h.id != 13 for h in index.search(query, 7))
+    assert FeatureIndex.build([], []).search(query, 3) == []

@@ -1,6 +1,14 @@
 """Near-duplicate look-up with evidence (placeholder docstring, expanded below when the API settles)."""
 
-from app.dupes.features import FEATURES_VERSION, LocalFeatures, PreparedImage, pixel_digest, prepare_image
+from app.dupes.features import (
+    FEATURES_VERSION,
+    LocalFeatures,
+    PreparedImage,
+    pixel_digest,
+    prepare_catalog_image,
+    prepare_image,
+    prepare_query,
+)
 from app.dupes.geometry import Box, GeometricMatch, verify
 from app.dupes.hashing import (
     HASH_FIELDS,
@@ -13,7 +21,7 @@ from app.dupes.hashing import (
 )
 from app.dupes.lookup import Candidate, LookupResult, Match, group_duplicates, lookup
 from app.dupes.settings import DupeThresholds, Verdict
-from app.dupes.shortlist import FeatureIndex
+from app.dupes.shortlist import FeatureHit, FeatureIndex
 from app.dupes.verdict import Evidence, compare
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "Candidate",
     "DupeThresholds",
     "Evidence",
+    "FeatureHit",
     "FeatureIndex",
     "GeometricMatch",
     "HashDistances",
@@ -40,6 +49,8 @@ __all__ = [
     "lookup",
     "pack_hashes",
     "pixel_digest",
+    "prepare_catalog_image",
     "prepare_image",
+    "prepare_query",
     "verify",
 ]

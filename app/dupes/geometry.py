@@ -19,7 +19,7 @@ CELL = 12
 BLUR_SIGMA = 1.0
 NCC_AGREE = 0.6
 FLAT_STD = 2.0
-# Affine (rotation, scale, shear, crop) explains nearly every copy; a homography must earn its extra freedom.
+# A model with more degrees of freedom is kept only with this many times the inliers (+2) of a simpler one.
 HOMOGRAPHY_GAIN = 1.1
 MAX_ANISOTROPY = 4.0
 
@@ -55,7 +55,7 @@ class GeometricMatch:
     matches: int
     inliers: int
     inlier_ratio: float
-    model: str  # "affine" | "homography" | "none"
+    model: str  # "similarity" | "affine" | "homography" | "none"
     mirrored: bool
     agreement: float
     query_overlap: float
@@ -91,22 +91,30 @@ def match_features(query: LocalFeatures, candidate: LocalFeatures, ratio: float)
     return candidate.points[neighbours[keep, 0]], query.points[keep]
 
 
-def _fit(src: np.ndarray, dst: np.ndarray, ransac_px: float) -> tuple[str, np.ndarray, int]:
-    """Best of an affine and a homography RANSAC fit: (model, 3x3 matrix, inliers)."""
+def _fit(
+    src: np.ndarray, dst: np.ndarray, ransac_px: float, enough: int, frame: tuple[int, int]
+) -> tuple[str, np.ndarray, int]:
+    """The simplest model that explains the matches: (model, 3x3 matrix, inliers).
+
+    A similarity (rotation, uniform scale, translation) covers resizes, crops and rotations and, having the
+    fewest degrees of freedom, aligns most precisely; an affine or a homography must earn its extra freedom
+    with HOMOGRAPHY_GAIN more inliers. The homography is tried only once ``enough`` inliers are found: among
+    random matches its RANSAC runs all its iterations (~30 ms) for a spurious fit.
+    """
     best: tuple[str, np.ndarray, int] = ("none", np.eye(3), 0)
-    if len(src) >= 3:
-        affine, mask = cv2.estimateAffine2D(
-            src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px, maxIters=2000, confidence=0.995
-        )
-        if affine is not None and mask is not None:
-            matrix = np.vstack([affine, [0.0, 0.0, 1.0]])
-            if _plausible(matrix):
-                best = ("affine", matrix, int(mask.sum()))
-    if len(src) >= 4:
-        homography, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=2000, confidence=0.995)
+    for model, estimate in (("similarity", cv2.estimateAffinePartial2D), ("affine", cv2.estimateAffine2D)):
+        matrix, mask = estimate(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px, maxIters=2000)
+        if matrix is None or mask is None:
+            continue
+        full = np.vstack([matrix, [0.0, 0.0, 1.0]])
+        inliers = int(mask.sum())
+        if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(full):
+            best = (model, full, inliers)
+    if best[2] >= enough and len(src) >= 4:
+        homography, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=1000, confidence=0.995)
         if homography is not None and mask is not None:
             inliers = int(mask.sum())
-            if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(homography):
+            if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(homography) and _keeps_convex(homography, frame):
                 best = ("homography", homography, inliers)
     return best
 
@@ -116,10 +124,18 @@ def _plausible(matrix: np.ndarray) -> bool:
     if not np.all(np.isfinite(matrix)) or abs(matrix[2, 2]) < 1e-9:
         return False
     linear = matrix[:2, :2] / matrix[2, 2]
+    if np.linalg.det(linear) <= 0:  # a reflection: flips are matched through the mirrored query instead
+        return False
     singular = np.linalg.svd(linear, compute_uv=False)
     if singular[1] < 1e-3 or singular[0] / singular[1] > MAX_ANISOTROPY:
         return False
     return 1 / 16 <= float(np.sqrt(singular[0] * singular[1])) <= 16
+
+
+def _keeps_convex(matrix: np.ndarray, frame: tuple[int, int]) -> bool:
+    """A homography that folds the candidate's frame (a view through the horizon) is no copy's."""
+    quad = _project(matrix, _rect(*frame))
+    return bool(np.all(np.isfinite(quad)) and cv2.isContourConvex(quad.reshape(-1, 1, 2)))
 
 
 def _rect(width: float, height: float) -> np.ndarray:
@@ -194,7 +210,9 @@ def _align(
     src, dst = match_features(query_features, candidate.features, thresholds.ratio)
     if len(src) < 3:
         return None
-    model, matrix, inliers = _fit(src, dst, thresholds.ransac_px)
+    model, matrix, inliers = _fit(
+        src, dst, thresholds.ransac_px, thresholds.similar_inliers, candidate.features.work_size
+    )
     if model == "none":
         return GeometricMatch(len(src), 0, 0.0, "none", mirrored, 0.0, 0.0, 0.0, EMPTY_BOX, EMPTY_BOX)
 

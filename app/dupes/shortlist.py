@@ -1,86 +1,159 @@
 """Candidate shortlist by local features: catalog images that share many ORB descriptors with the query.
 
-Hashes miss crops, rotations and overlays, and CLIP neighbours need a real model. Voting with the query's
-ORB descriptors against the catalog's finds an edited copy without either: every query descriptor looks up
-its nearest catalog descriptors (a FAISS binary multi-index hash, no training, exact Hamming distances)
-and votes for the images they belong to; the images with the most votes are verified geometrically.
+Hashes miss crops, rotations and overlays, and CLIP neighbours need a real model. Voting with the query's ORB
+descriptors finds an edited copy without either: each query descriptor (of the image and of its mirror image)
+looks up its nearest catalog descriptor and, when that is within VOTE_BITS, votes for the image it belongs to.
+The images with the most votes go on to geometric verification.
+
+The descriptors live in a FAISS binary IVF index whose coarse centroids are descriptors sampled from the
+catalog (no k-means training: on ORB codes it shortlists as well as trained centroids, and builds in a second).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from app.dupes.features import DESCRIPTOR_BYTES, PreparedImage
 
-#: Strongest descriptors per catalog image that are indexed (memory: 32 bytes + 8 for the id each).
-PER_IMAGE = 200
-#: Strongest descriptors of the query (and of its mirror image) that vote.
-PER_QUERY = 500
+#: Strongest descriptors per catalog image that are indexed (32 bytes + 8 for the owner id each).
+PER_IMAGE = 400
+#: Strongest descriptors of the query, and of its mirror image, that vote.
+PER_QUERY = 300
 #: A vote needs a descriptor within this Hamming distance (of 256 bits); unrelated ones sit near 128.
 VOTE_BITS = 48
-NEIGHBOURS = 4
+#: IVF lists probed per query descriptor.
+NPROBE = 4
+#: When no image gets this many votes (a small crop, a heavy edit), vote again with every query descriptor
+#: and twice the probes: the easy majority of look-ups stays fast, the hard ones get the effort.
+DEEP_BELOW = 12
+_BITS = DESCRIPTOR_BYTES * 8
+
+
+@dataclass(frozen=True)
+class FeatureHit:
+    """A shortlisted image: its id, the votes it got, and whether the mirrored query voted for it more."""
+
+    id: int
+    votes: int
+    mirrored: bool
+
+
+def _nlist_for(count: int) -> int:
+    """About 1.4 sqrt(n) lists (a power of two, 64..16384): the coarse search and the list scans then cost
+    about the same, ~1000 descriptors per list for a 7k-image catalog."""
+    target = 1.4 * np.sqrt(max(count, 1))
+    return int(min(16384, max(64, 2 ** round(np.log2(target)))))
 
 
 class FeatureIndex:
-    """Shortlists catalog images by counting query descriptors whose near neighbours they hold."""
+    """Shortlists catalog images by counting query descriptors whose nearest catalog descriptor they hold.
+
+    Build it from the whole catalog (``FeatureIndex.build``); ``add`` later images as they come. When the
+    catalog has grown several times over since the build, build it again (lists get long, search slows).
+    """
 
     def __init__(
         self,
+        centroids: np.ndarray,
         *,
         per_image: int = PER_IMAGE,
         per_query: int = PER_QUERY,
         vote_bits: int = VOTE_BITS,
-        nhash: int = 16,
+        nprobe: int = NPROBE,
+        deep_below: int = DEEP_BELOW,
     ) -> None:
         self.per_image = per_image
+        self.deep_below = deep_below
+        self._nprobe = nprobe
         self.per_query = per_query
         self.vote_bits = vote_bits
-        bits = DESCRIPTOR_BYTES * 8
-        self._index = faiss.IndexBinaryMultiHash(bits, nhash, bits // nhash)
-        self._index.nflip = 0
-        self._owner: list[np.ndarray] = []
-        self._owners = np.zeros(0, dtype=np.int64)
+        self._quantizer = faiss.IndexBinaryFlat(_BITS)
+        self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.uint8))
+        self._index = faiss.IndexBinaryIVF(self._quantizer, _BITS, len(centroids))
+        self._index.is_trained = True
         self._ids: set[int] = set()
+
+    @classmethod
+    def build(
+        cls,
+        ids: Sequence[int],
+        prepared: Sequence[PreparedImage],
+        *,
+        per_image: int = PER_IMAGE,
+        seed: int = 0,
+        **options: int,
+    ) -> FeatureIndex:
+        """An index sized for these images, holding them."""
+        codes = [p.features.descriptors[:per_image] for p in prepared]
+        total = sum(len(c) for c in codes)
+        rng = np.random.default_rng(seed)
+        if total:
+            pool = np.concatenate(codes)
+            picks = rng.choice(total, size=min(total, _nlist_for(total)), replace=False)
+            centroids = pool[np.sort(picks)]
+        else:  # an empty catalog: random centroids until real descriptors arrive
+            centroids = rng.integers(0, 256, size=(64, DESCRIPTOR_BYTES), dtype=np.uint8)
+        index = cls(centroids, per_image=per_image, **options)
+        index.add(ids, prepared)
+        return index
 
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._ids
+
     def add(self, ids: Sequence[int], prepared: Sequence[PreparedImage]) -> None:
-        """Index the strongest ``per_image`` descriptors of each image (ids must be new)."""
+        """Index the strongest ``per_image`` descriptors of each image (replacing those of a known id)."""
+        if len(ids) != len(prepared):
+            raise ValueError(f"{len(ids)} ids but {len(prepared)} prepared images")
+        self.remove([i for i in ids if int(i) in self._ids])
         chunks, owners = [], []
         for image_id, item in zip(ids, prepared, strict=True):
-            if int(image_id) in self._ids:
-                raise ValueError(f"image {image_id} is already in the feature index")
             descriptors = item.features.descriptors[: self.per_image]
             chunks.append(descriptors)
             owners.append(np.full(len(descriptors), int(image_id), dtype=np.int64))
             self._ids.add(int(image_id))
-        if not chunks:
-            return
-        codes = np.ascontiguousarray(np.concatenate(chunks))
-        if len(codes):
-            self._index.add(codes)
-            self._owners = np.concatenate([self._owners, *owners])
+        if chunks and sum(len(c) for c in chunks):
+            self._index.add_with_ids(np.ascontiguousarray(np.concatenate(chunks)), np.concatenate(owners))
 
-    def search(self, query: PreparedImage, k: int) -> list[tuple[int, int]]:
-        """Up to ``k`` (image id, votes) pairs, most votes first; both orientations of the query vote."""
-        if not self._ids or k <= 0 or self._index.ntotal == 0:
+    def remove(self, ids: Sequence[int]) -> int:
+        present = [int(i) for i in ids if int(i) in self._ids]
+        if present:
+            self._index.remove_ids(np.asarray(present, dtype=np.int64))
+            self._ids.difference_update(present)
+        return len(present)
+
+    def search(self, query: PreparedImage, k: int, *, min_votes: int = 1) -> list[FeatureHit]:
+        """Up to ``k`` images with at least ``min_votes`` votes, most votes first (ties: smaller id)."""
+        if not self._ids or k <= 0:
             return []
-        sets = [query.features] + ([query.mirrored] if query.mirrored is not None else [])
-        codes = np.ascontiguousarray(np.concatenate([f.descriptors[: self.per_query] for f in sets]))
+        hits = self._vote(query, self.per_query, self._nprobe)
+        if not hits or hits[0].votes < self.deep_below:
+            hits = self._vote(query, None, 2 * self._nprobe)
+        return [h for h in hits[:k] if h.votes >= min_votes]
+
+    def _vote(self, query: PreparedImage, per_query: int | None, nprobe: int) -> list[FeatureHit]:
+        direct = query.features.descriptors[:per_query]
+        mirror = query.mirrored.descriptors[:per_query] if query.mirrored is not None else direct[:0]
+        codes = np.ascontiguousarray(np.concatenate([direct, mirror]))
         if len(codes) == 0:
             return []
-        distances, rows = self._index.search(codes, NEIGHBOURS)
-        hit = (rows >= 0) & (distances <= self.vote_bits)
-        owners = np.where(hit, self._owners[np.clip(rows, 0, None)], -1)
-        # One vote per query descriptor and image, however many of its descriptors matched.
-        voter = np.repeat(np.arange(len(codes)), NEIGHBOURS)
-        pairs = np.unique(np.stack([voter, owners.ravel()], axis=1)[owners.ravel() >= 0], axis=0)
-        if len(pairs) == 0:
+        self._index.nprobe = min(nprobe, self._index.nlist)
+        distances, owners = self._index.search(codes, 1)
+        hit = (owners[:, 0] >= 0) & (distances[:, 0] <= self.vote_bits)
+        images, votes = np.unique(owners[hit, 0], return_counts=True)
+        if len(images) == 0:
             return []
-        images, votes = np.unique(pairs[:, 1], return_counts=True)
-        order = np.lexsort((images, -votes))[:k]
-        return [(int(images[i]), int(votes[i])) for i in order]
+        from_mirror = np.arange(len(codes)) >= len(direct)
+        mirror_images, mirror_votes = np.unique(owners[hit & from_mirror, 0], return_counts=True)
+        mirrored = dict(zip(mirror_images.tolist(), mirror_votes.tolist(), strict=True))
+        order = np.lexsort((images, -votes))
+        return [
+            FeatureHit(int(images[i]), int(votes[i]), mirrored.get(int(images[i]), 0) * 2 > int(votes[i]))
+            for i in order
+        ]

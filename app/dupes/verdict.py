@@ -135,7 +135,7 @@ def decide(
         )
     if geometry.inliers >= t.similar_inliers:
         why = _not_a_copy(geometry, t)
-        return Verdict.SIMILAR, f"same scene or object{flip}: {geometry.inliers} inliers, but {why}"
+        return Verdict.SIMILAR, f"same scene or object, not a copy{flip}: {geometry.inliers} inliers, but {why}"
     if cosine is not None and cosine >= t.similar_cosine:
         return Verdict.SIMILAR, f"CLIP cosine {cosine:.3f} >= {t.similar_cosine}, no geometric match"
     if hashes.best_phash <= t.hash_similar:
@@ -154,4 +154,4 @@ def _not_a_copy(geometry: GeometricMatch, t: DupeThresholds) -> str:
         return f"fewer than {t.min_inliers} needed for a copy"
     if geometry.containment < t.min_containment:
         return f"the images only overlap ({geometry.containment:.0%} of the larger share)"
-    return f"only {geometry.agreement:.0%} of the overlap agrees pixel-wise (< {t.min_agreement:.0%}): not a copy"
+    return f"only {geometry.agreement:.0%} of the overlap agrees pixel-wise (< {t.min_agreement:.0%})"
