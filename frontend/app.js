@@ -8,6 +8,7 @@ const MAX_PAGE_SIZE = 200;
 const DEBOUNCE_MS = 250;
 const READY_RETRY_MS = 5000;
 const PRELOAD_MARGIN_PX = 800;
+const SAFE_SEARCH_KEY = "clipsearch.safeSearch";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -18,6 +19,8 @@ const el = {
   file: $("#file-input"),
   minScore: $("#min-score"),
   minScoreValue: $("#min-score-value"),
+  safe: $("#safe-search"),
+  facets: $("#facets"),
   status: $("#status"),
   results: $("#results"),
   sentinel: $("#sentinel"),
@@ -36,6 +39,8 @@ const el = {
   viewerScore: $("#viewer-score"),
   viewerDims: $("#viewer-dims"),
   viewerRank: $("#viewer-rank"),
+  viewerTags: $("#viewer-tags"),
+  viewerFlags: $("#viewer-flags"),
   viewerOriginal: $("#viewer-original"),
   viewerPrev: $("#viewer-prev"),
   viewerNext: $("#viewer-next"),
@@ -55,6 +60,8 @@ const query = {
   file: null,
   minScore: 0,
   pageSize: DEFAULT_PAGE_SIZE,
+  tags: [], // tag filters: hits carry every one of them
+  safe: true, // safe search: hide images with a safe-search flag
 };
 
 function setQuery(changes) {
@@ -79,6 +86,7 @@ const results = {
   errorStatus: 0,
   tookMs: null,
   model: null,
+  facets: [], // [{label, count}] over all the hits of the current search
 };
 
 let activeIndex = 0; // the result that holds the grid's tab stop
@@ -128,6 +136,9 @@ async function apiFetch(url, init = {}) {
 function pageParams(offset) {
   const params = new URLSearchParams({ k: String(query.pageSize), offset: String(offset) });
   if (query.minScore > 0) params.set("min_score", query.minScore.toFixed(2));
+  for (const tag of query.tags) params.append("tag", tag);
+  if (query.safe) params.set("safe", "true");
+  if (offset > 0) params.set("facets", "0"); // counted over all the hits: the first page has them
   return params;
 }
 
@@ -187,6 +198,8 @@ function startSearch() {
     results.loading = false;
     setBusy(false);
     el.results.replaceChildren();
+    results.facets = [];
+    renderFacets();
     renderStatus();
     return;
   }
@@ -206,7 +219,11 @@ async function loadPage(generation, offset) {
     results.total = Number.isFinite(data.total) ? data.total : offset + data.hits.length;
     results.tookMs = data.took_ms;
     results.model = data.model || results.model;
-    if (offset === 0) el.results.replaceChildren();
+    if (offset === 0) {
+      el.results.replaceChildren();
+      results.facets = Array.isArray(data.facets) ? data.facets : [];
+      renderFacets();
+    }
     const fresh = data.hits.filter((hit) => !results.ids.has(hit.id));
     appendHits(fresh);
     results.hasMore = data.hits.length === query.pageSize && offset + data.hits.length < results.total;
@@ -215,7 +232,11 @@ async function loadPage(generation, offset) {
     results.error = err.message;
     results.errorStatus = err.status;
     results.hasMore = false;
-    if (offset === 0) el.results.replaceChildren();
+    if (offset === 0) {
+      el.results.replaceChildren();
+      results.facets = [];
+      renderFacets();
+    }
     if (err.status === 503) checkReady();
   } finally {
     if (generation === results.generation) {
@@ -381,16 +402,15 @@ function renderStatus() {
   if (!results.loading && results.hits.length === 0) {
     const cutoff = query.minScore > 0 ? ` with a score of at least ${query.minScore.toFixed(2)}` : "";
     const what = query.mode === "text" ? `match “${query.text.trim()}”` : `are ${describeQuery()}`;
-    setStatus(
-      "empty",
-      `No images ${what}${cutoff}.`,
-      query.minScore > 0 ? "Lower the minimum score to see weaker matches." : "Try other words or another image.",
-    );
+    let hint = "Try other words or another image.";
+    if (query.tags.length) hint = "Remove a tag filter to see more.";
+    else if (query.minScore > 0) hint = "Lower the minimum score to see weaker matches.";
+    setStatus("empty", `No images ${what}${describeTags()}${cutoff}.`, hint);
     return;
   }
   const count = results.total === 1 ? "1 image" : `${results.total.toLocaleString()} images`;
   const took = typeof results.tookMs === "number" ? ` · ${Math.round(results.tookMs)} ms` : "";
-  setStatus(results.loading ? "loading" : "results", `${count} ${describeQuery()}${took}`);
+  setStatus(results.loading ? "loading" : "results", `${count} ${describeQuery()}${describeTags()}${took}`);
 }
 
 function setBusy(busy) {
@@ -431,6 +451,8 @@ function urlFor() {
   if (!query.file && query.similar !== null) params.set("similar", String(query.similar));
   if (query.minScore > 0) params.set("min_score", query.minScore.toFixed(2));
   if (query.pageSize !== DEFAULT_PAGE_SIZE) params.set("k", String(query.pageSize));
+  for (const tag of query.tags) params.append("tag", tag);
+  if (!query.safe) params.set("safe", "off"); // on is the default: not written
   const search = params.toString();
   return `${location.pathname}${search ? `?${search}` : ""}`;
 }
@@ -456,6 +478,8 @@ function readUrl() {
   setMinScore(Number.isFinite(minScore) ? minScore : 0);
   const pageSize = Number.parseInt(params.get("k") || "", 10);
   query.pageSize = pageSize >= 1 && pageSize <= MAX_PAGE_SIZE ? pageSize : DEFAULT_PAGE_SIZE;
+  query.tags = [...new Set(params.getAll("tag").map((tag) => tag.trim()).filter(Boolean))];
+  setSafe(params.has("safe") ? !["off", "0", "false", "no"].includes(params.get("safe").toLowerCase()) : storedSafe());
   const similar = params.get("similar") ?? "";
   const upload = history.state?.upload;
   setQuery({
@@ -546,6 +570,71 @@ el.minScore.addEventListener("input", () => {
 });
 
 el.chipClear.addEventListener("click", clearImage);
+
+// ---------------------------------------------------------------------------------------------------------
+// Tag facets and safe search
+
+/** " tagged “dog”, “beach”" for the status line; empty without tag filters. */
+function describeTags() {
+  return query.tags.length ? ` tagged ${query.tags.map((tag) => `“${tag}”`).join(", ")}` : "";
+}
+
+/** Chips for the most frequent tags among the hits (and the active filters); a click toggles the filter. */
+function renderFacets() {
+  const counts = new Map(results.facets.map((facet) => [facet.label, facet.count]));
+  for (const tag of query.tags) if (!counts.has(tag)) counts.set(tag, 0);
+  el.facets.replaceChildren();
+  el.facets.hidden = query.mode === "idle" || counts.size === 0;
+  for (const [label, count] of counts) {
+    const active = query.tags.includes(label);
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.className = "facet";
+    chip.dataset.tag = label;
+    chip.setAttribute("aria-pressed", String(active));
+    chip.title = active ? `Show images without the tag “${label}” too` : `Only images tagged “${label}”`;
+    const name = document.createElement("span");
+    name.className = "facet-label";
+    name.textContent = label;
+    const number = document.createElement("span");
+    number.className = "facet-count";
+    number.textContent = count.toLocaleString();
+    chip.append(name, number);
+    chip.addEventListener("click", () => toggleTag(label));
+    el.facets.append(chip);
+  }
+}
+
+function toggleTag(label, on = !query.tags.includes(label)) {
+  query.tags = on ? [...new Set([...query.tags, label])] : query.tags.filter((tag) => tag !== label);
+  updateUrl({ push: true });
+  startSearch();
+}
+
+function storedSafe() {
+  try {
+    return localStorage.getItem(SAFE_SEARCH_KEY) !== "off";
+  } catch {
+    return true; // storage blocked: the default
+  }
+}
+
+function setSafe(on, { remember = false } = {}) {
+  query.safe = on;
+  el.safe.checked = on;
+  if (!remember) return;
+  try {
+    localStorage.setItem(SAFE_SEARCH_KEY, on ? "on" : "off");
+  } catch {
+    // storage blocked: the choice lasts as long as the URL carries it
+  }
+}
+
+el.safe.addEventListener("change", () => {
+  setSafe(el.safe.checked, { remember: true });
+  updateUrl({ push: true });
+  startSearch();
+});
 
 // ---------------------------------------------------------------------------------------------------------
 // Images from the picker, drag and drop, and the clipboard
@@ -711,8 +800,52 @@ function showInViewer(index) {
   el.viewerDims.textContent = hit.width && hit.height ? `${hit.width} × ${hit.height} px` : "unknown";
   el.viewerRank.textContent = `${index + 1} of ${results.total.toLocaleString()}`;
   el.viewerOriginal.href = hit.image_url;
+  showLabels(hit.id);
   el.viewerPrev.disabled = index === 0;
   el.viewerNext.disabled = index >= results.hits.length - 1 && !results.hasMore;
+}
+
+/** The image's tags (each a button that filters by it) and safe-search flags, with their scores. */
+async function showLabels(id) {
+  el.viewerTags.replaceChildren();
+  el.viewerFlags.replaceChildren();
+  let body;
+  try {
+    body = await apiFetch(`images/${encodeURIComponent(id)}/tags`);
+  } catch {
+    return; // the labels are a detail: the large view works without them
+  }
+  if (el.viewer.dataset.id !== String(id)) return; // another image is shown by now
+  for (const tag of body.tags || []) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "viewer-tag";
+    button.title = `Only images tagged “${tag.label}”`;
+    button.textContent = `${tag.label} `;
+    const score = document.createElement("span");
+    score.className = "label-score";
+    score.textContent = tag.score.toFixed(2);
+    button.append(score);
+    button.addEventListener("click", () => {
+      viewerIndex = -1;
+      el.viewer.close();
+      toggleTag(tag.label, true);
+    });
+    item.append(button);
+    el.viewerTags.append(item);
+  }
+  for (const flag of body.flags || []) {
+    const item = document.createElement("li");
+    item.className = "viewer-flag";
+    item.title = "Safe-search flag (zero-shot, approximate): hidden while safe search is on";
+    item.textContent = `⚑ ${flag.label} `;
+    const score = document.createElement("span");
+    score.className = "label-score";
+    score.textContent = flag.score.toFixed(2);
+    item.append(score);
+    el.viewerFlags.append(item);
+  }
 }
 
 function openViewer(index) {
@@ -771,6 +904,7 @@ el.viewer.addEventListener("click", (event) => {
 
 el.viewer.addEventListener("close", () => {
   el.viewerImage.removeAttribute("src");
+  el.viewer.dataset.id = "";
   viewerIndex = -1;
 });
 

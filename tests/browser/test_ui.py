@@ -258,6 +258,7 @@ def test_typing_shows_thumbnails_and_the_large_view_leads_to_more_like_this(
     assert parse_qs(urlparse(refined.value.url).query) | {"k": [], "offset": []} == {
         "q": ["at night", "-people"],
         "image_id": [str(source_id)],
+        "safe": ["true"],  # safe search is on by default in the UI
         "k": [],
         "offset": [],
     }
@@ -425,3 +426,93 @@ def test_api_errors_and_an_unready_index_are_explained(
         expect(page.locator("#ready-banner")).to_be_hidden()
         wait_for_results(page, 24)
     shutil.rmtree(tmp_path / "empty-data", ignore_errors=True)
+
+
+# --- tags and safe search --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tagged_url(tmp_path: Path, shared_data: Path, instrument_model_dir: Path) -> Iterator[str]:
+    """18 Caltech-101 photos (six classes) indexed with the trained instrument model, tagged with their class
+    names; the revolver photos carry the flag "weapons"."""
+    from tests.helpers import CALTECH_TAG_VOCABULARY, WEAPON_FLAG_VOCABULARY, copy_caltech
+
+    copy_caltech(tmp_path / "caltech")
+    (tmp_path / "tags.yaml").write_text(CALTECH_TAG_VOCABULARY)
+    (tmp_path / "flags.yaml").write_text(WEAPON_FLAG_VOCABULARY)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model=f"local-dir:{instrument_model_dir}",
+        device="cpu",
+        decode_workers=2,
+        tag_vocabulary=str(tmp_path / "tags.yaml"),
+        safe_search_vocabulary=str(tmp_path / "flags.yaml"),
+    )
+    build_index(settings, tmp_path / "caltech")
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+def tile_names(page: Any) -> list[str]:
+    return [Path(p).name for p in tile_paths(page)]
+
+
+def test_facet_chips_filter_by_tag_and_safe_search_hides_flagged_images(
+    tagged_url: str, page: Any, tmp_path: Path
+) -> None:
+    page.goto(tagged_url + "/?q=a photo of an animal")
+    # Safe search is on by default: the three revolver photos (flagged "weapons") are hidden.
+    expect(page.locator("#safe-search")).to_be_checked()
+    wait_for_results(page, 15)
+    assert not any(name.startswith("revolver_") for name in tile_names(page))
+    chips = page.locator("#facets .facet")
+    expect(chips).to_have_count(5)
+    leopard = page.locator('#facets .facet[data-tag="leopard"]')
+    expect(leopard).to_have_attribute("aria-pressed", "false")
+    expect(leopard.locator(".facet-count")).to_have_text("3")
+    page.screenshot(path=str(tmp_path / "facets.png"))
+
+    leopard.click()
+    wait_for_results(page, 3)
+    assert all(name.startswith("leopards_") for name in tile_names(page))
+    assert url_params(page) == {"q": ["a photo of an animal"], "tag": ["leopard"]}
+    expect(leopard).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#status")).to_contain_text("3 images for “a photo of an animal” tagged “leopard”")
+
+    # The large view lists the image's tags with their scores.
+    page.locator(".result .tile").first.click()
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#viewer-tags")).to_contain_text(re.compile(r"leopard \d\.\d\d"))
+    expect(page.locator("#viewer-flags li")).to_have_count(0)
+    page.keyboard.press("Escape")
+
+    # The chip again removes the filter; the URL follows, and back returns to the filtered grid.
+    page.locator('#facets .facet[data-tag="leopard"]').click()
+    wait_for_results(page, 15)
+    assert url_params(page) == {"q": ["a photo of an animal"]}
+    page.go_back()
+    wait_for_results(page, 3)
+    assert url_params(page)["tag"] == ["leopard"]
+
+    # Safe search off: the flagged photos come back; the choice is in the URL and remembered.
+    page.goto(tagged_url + "/?q=a photo of a revolver")
+    wait_for_results(page, 15)
+    with page.expect_request(lambda r: urlparse(r.url).path == "/search") as request:
+        page.locator("#safe-search").uncheck()
+    assert "safe" not in parse_qs(urlparse(request.value.url).query)
+    wait_for_results(page, 18)
+    assert url_params(page) == {"q": ["a photo of a revolver"], "safe": ["off"]}
+    revolver = next(i for i, name in enumerate(tile_names(page)) if name.startswith("revolver_"))
+    page.locator(".result .tile").nth(revolver).click()
+    expect(page.locator("#viewer-flags")).to_contain_text(re.compile(r"weapons \d\.\d\d"))
+    expect(page.locator("#viewer-tags")).to_contain_text("revolver")
+    page.screenshot(path=str(tmp_path / "flagged.png"))
+    page.keyboard.press("Escape")
+
+    page.goto(tagged_url + "/?q=a photo of a revolver")  # no safe= in the link: the stored choice applies
+    expect(page.locator("#safe-search")).not_to_be_checked()
+    wait_for_results(page, 18)
+    page.locator("#safe-search").check()
+    wait_for_results(page, 15)
+    assert url_params(page) == {"q": ["a photo of a revolver"]}
+    assert page.evaluate("() => localStorage.getItem('clipsearch.safeSearch')") == "on"
