@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from app.dupes import DupeThresholds
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
@@ -104,6 +107,42 @@ class Settings(BaseSettings):
         description="Per-flag threshold overrides, 'flag=0.5,other=0.7' (0..1); others keep the vocabulary's.",
     )
 
+    # --- near-duplicate look-up (POST /lookup, /images/{id}/duplicates, clipsearch dupes) ---
+    # Candidates: how many images each stage proposes for verification.
+    dupe_clip_candidates: int = Field(
+        default=20, ge=0, le=1000, description="CLIP nearest neighbours of the query checked as candidates."
+    )
+    dupe_hash_radius: int = Field(
+        default=10, ge=0, le=64, description="Catalog images within this many bits (pHash or dHash) are candidates."
+    )
+    dupe_hash_candidates: int = Field(
+        default=20, ge=0, le=1000, description="At most this many hash neighbours (closest first) are checked."
+    )
+    dupe_feature_candidates: int = Field(
+        default=10, ge=0, le=1000, description="'clipsearch dupes': images shortlisted by ORB votes (0: none)."
+    )
+    dupe_cache_size: int = Field(
+        default=1024, ge=0, description="Catalog images whose prepared features the server keeps in memory."
+    )
+    # Verdict thresholds: app.dupes.DupeThresholds, with its calibrated defaults (benchmarks/dupes.py).
+    dupe_ratio: float = Field(default=0.8, gt=0, le=1, description="Lowe's ratio test for ORB matches.")
+    dupe_ransac_px: float = Field(default=4.0, gt=0, description="RANSAC tolerance in 512-px work-image pixels.")
+    dupe_min_inliers: int = Field(default=15, ge=4, description="Geometric inliers needed to call a pair a copy.")
+    dupe_min_agreement: float = Field(
+        default=0.8, ge=0, le=1, description="Share of the overlap whose aligned pixels must agree for a copy."
+    )
+    dupe_min_containment: float = Field(
+        default=0.6, ge=0, le=1, description="The overlap must cover this share of one image for a copy."
+    )
+    dupe_hash_near: int = Field(
+        default=4, ge=0, le=64, description="pHash and dHash both within this many bits: near_duplicate."
+    )
+    dupe_similar_inliers: int = Field(default=12, ge=4, description="Inliers that make a pair 'similar'.")
+    dupe_hash_similar: int = Field(default=10, ge=0, le=64, description="pHash within this many bits: 'similar'.")
+    dupe_similar_cosine: float = Field(
+        default=0.9, ge=-1, le=1, description="CLIP cosine from which a pair is 'similar' (model-dependent)."
+    )
+
     @field_validator("safe_search_thresholds", mode="before")
     @classmethod
     def _parse_thresholds(cls, value: object) -> object:
@@ -155,6 +194,14 @@ class Settings(BaseSettings):
     @property
     def index_dir(self) -> Path:
         return self.data_dir / "index"
+
+    @property
+    def dupe_thresholds(self) -> DupeThresholds:
+        """The near-duplicate verdict thresholds named by the dupe_* settings."""
+        from app.dupes import DupeThresholds  # heavy (OpenCV, FAISS): only when asked for
+
+        named = {name: getattr(self, f"dupe_{name}", None) for name in DupeThresholds.model_fields}
+        return DupeThresholds(**{name: value for name, value in named.items() if value is not None})
 
     def with_overrides(self, **overrides: object) -> Settings:
         """A copy with the given fields replaced (None values are ignored), validated again."""
