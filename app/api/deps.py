@@ -10,6 +10,7 @@ from fastapi import Depends, Header, HTTPException, Query, Request, UploadFile
 
 from app.api.errors import upload_too_large
 from app.config import Settings
+from app.duplicates import DupeService
 from app.errors import NotReady
 from app.search import (
     DEFAULT_FACETS,
@@ -38,6 +39,13 @@ async def get_service(request: Request) -> SearchService:
     if service is None:
         raise NotReady("the model is still loading: retry in a few seconds")
     return service
+
+
+async def get_dupes(request: Request) -> DupeService:
+    dupes: DupeService | None = getattr(request.app.state, "dupes", None)
+    if dupes is None:
+        raise NotReady("the model is still loading: retry in a few seconds")
+    return dupes
 
 
 async def search_options(
@@ -129,3 +137,4 @@ def require_api_key(
 ServiceDep = Annotated[SearchService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 OptionsDep = Annotated[SearchOptions, Depends(search_options)]
+DupesDep = Annotated[DupeService, Depends(get_dupes)]

@@ -13,11 +13,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import routes_admin, routes_health, routes_images, routes_search, routes_tags
+from app.api import routes_admin, routes_dupes, routes_health, routes_images, routes_search, routes_tags
 from app.api.errors import install_error_handlers
 from app.api.limits import MULTIPART_OVERHEAD_BYTES, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.config import Settings
+from app.duplicates import DupeService
 from app.search import SearchService, open_service
 from app.thumbnails import ThumbnailCache
 
@@ -35,6 +36,8 @@ Semantic search over your own photos with CLIP.
 * `GET /images/{id}`, `GET /images/{id}/thumbnail?size=256`: the files, by id.
 * Zero-shot tags: `tag=` (repeatable) and `safe=true` on the searches, `facets` in their answers;
   `GET /tags` (labels with counts), `GET /images/{id}/tags` (an image's tags and flags with scores).
+* `POST /lookup` (multipart field `file`), `GET /images/{id}/duplicates`: copies of an image in the catalog
+  (verdicts exact / near_duplicate / similar, with the evidence: hash distances, inliers, matched regions).
 * `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
 
 Errors are JSON `{"detail": "..."}`: 422 bad parameters, 404 unknown id, 413 upload too large, 415 not an image,
@@ -59,10 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Loading the model and reading the index block: do it on a worker thread.
         service = await anyio.to_thread.run_sync(_open_service, settings)
         app.state.service = service
+        app.state.dupes = DupeService(settings, service)
         metrics.track_index_size(lambda: service.index_count)
         try:
             yield
         finally:
+            app.state.dupes.close()
+            app.state.dupes = None
             app.state.service = None
             service.store.close()
 
@@ -70,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
+    app.state.dupes = None
     app.state.thumbnails = ThumbnailCache(
         settings.data_dir / "thumbnails",
         settings.thumbnail_sizes,
@@ -84,7 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", "Authorization", "X-API-Key"],
         )
-    app.add_middleware(UploadLimitMiddleware, paths={"/search/image"}, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        UploadLimitMiddleware, paths={"/search/image", "/lookup"}, max_upload_bytes=settings.max_upload_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     app.include_router(routes_health.router)
@@ -92,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_search.upload_router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.include_router(routes_images.router)
     app.include_router(routes_tags.router)
+    app.include_router(routes_dupes.router)
+    app.include_router(routes_dupes.upload_router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     app.include_router(routes_admin.router)
     _mount_frontend(app, settings.frontend_dir or DEFAULT_FRONTEND_DIR)
     return app

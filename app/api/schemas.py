@@ -57,6 +57,50 @@ class TagsResponse(BaseModel):
     flags: list[TagCount] = Field(description="Safe-search flags with the number of images carrying them.")
 
 
+class DuplicateEvidence(BaseModel):
+    """The numbers behind a verdict. Distances are query -> candidate; '_mirrored': the query's mirror image."""
+
+    cosine: float | None = Field(description="CLIP cosine similarity (null when the index does not hold it).")
+    same_pixels: bool = Field(description="Identical pixels after decoding.")
+    phash_distance: int = Field(description="pHash Hamming distance in bits (of 64).")
+    dhash_distance: int = Field(description="dHash Hamming distance in bits (of 64).")
+    phash_distance_mirrored: int
+    dhash_distance_mirrored: int
+    matches: int = Field(description="Local-feature (ORB) matches passing the ratio test.")
+    inliers: int = Field(description="Matches consistent with one geometric transform (RANSAC).")
+    inlier_ratio: float
+    agreement: float = Field(description="Share of the overlap whose aligned pixels agree, 0..1.")
+    model: str = Field(description="The transform fitted: similarity, affine, homography or none.")
+    mirrored: bool = Field(description="The copy is a mirror image of the query.")
+    query_overlap: float = Field(description="Share of the query covered by the matched region.")
+    candidate_overlap: float = Field(description="Share of the catalog image covered by the matched region.")
+    query_box: list[float] | None = Field(description="Matched region in the query, [x0, y0, x1, y1] pixels.")
+    candidate_box: list[float] | None = Field(description="Matched region in the catalog image, pixels.")
+
+
+class DuplicateMatch(BaseModel):
+    id: int = Field(description="Image id of the catalog image.")
+    path: str
+    width: int | None
+    height: int | None
+    image_url: str
+    thumbnail_url: str
+    verdict: Literal["exact", "near_duplicate", "similar", "different"]
+    reason: str = Field(description="The rule that gave the verdict, with its numbers.")
+    evidence: DuplicateEvidence
+
+
+class LookupResponse(BaseModel):
+    query: str = Field(description="'upload:NAME' or 'image:ID'.")
+    verdict: Literal["exact", "near_duplicate", "similar", "different"] = Field(
+        description="The strongest relation found to any catalog image ('different': none), even when "
+        "min_verdict leaves that match out."
+    )
+    matches: list[DuplicateMatch] = Field(description="Catalog images judged min_verdict or stronger, strongest first.")
+    candidates: int = Field(description="Catalog images verified (CLIP and perceptual-hash neighbours).")
+    took_ms: float
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
