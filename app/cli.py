@@ -289,6 +289,95 @@ def tags(
         store.close()
 
 
+class _StageProgress:
+    """One tqdm bar per stage of a long library call (its ``progress(stage, done, total)`` callback)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total, desc=stage, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@main.command()
+@click.argument("under", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--min-verdict",
+    type=click.Choice(["exact", "near_duplicate", "similar"]),
+    default="near_duplicate",
+    show_default=True,
+    help="Join images judged this or stronger: exact (same pixels), near_duplicate (edited copies too), similar "
+    "(also the same scene, e.g. burst shots).",
+)
+@click.option(
+    "-k",
+    "--neighbours",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0, 100),
+    help="CLIP and ORB-vote neighbours verified per image (perceptual-hash neighbours always are).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@settings_options
+@handle_errors
+def dupes(under: Path | None, min_verdict: str, neighbours: int, as_json: bool, quiet: bool, **opts: Any) -> None:
+    """Groups of duplicate images in the catalog (only those under the folder UNDER, when given).
+
+    Candidate pairs (hash, CLIP and ORB-vote neighbours) are verified with local features; groups are the
+    images joined by verified copies. Burst shots and re-shoots of a scene are 'similar', not duplicates.
+    """
+    from app.duplicates import DupeService
+    from app.search import open_service
+
+    settings = _settings(opts)
+    service = open_service(settings, require_index=False)
+    finder = DupeService(settings, service)
+    progress = _StageProgress(not quiet and not as_json and sys.stderr.isatty())
+    try:
+        report = finder.find_groups(
+            min_verdict=min_verdict, under=str(under) if under else None, neighbours=neighbours, progress=progress
+        )
+    finally:
+        progress.close()
+        finder.close()
+        service.store.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if report.images == 0:
+        click.echo("no indexed images" + (f" under {under}" if under else "") + ": run 'clipsearch index PATH' first")
+        return
+    if report.groups:
+        click.echo(f"{'group':>5}  {'id':<8} {'verdict':<15} path")
+        for number, group in enumerate(report.groups, 1):
+            for member in group.members:
+                verdict = member.verdict.value if member.verdict is not None else "(first)"
+                click.echo(f"{number:>5}  #{member.id:<7} {verdict:<15} {member.path}")
+    grouped = sum(len(g.members) for g in report.groups)
+    click.echo(
+        f"{len(report.groups)} groups of {grouped} images ({min_verdict} or stronger) among {report.images} images; "
+        f"{report.pairs} candidate pairs verified in {report.seconds:.1f}s"
+    )
+    for path, reason in report.unreadable[:5]:
+        click.echo(f"  skipped unreadable: {path}: {reason}")
+
+
 from app.cli_eval import eval_group  # noqa: E402
 
 main.add_command(eval_group)
