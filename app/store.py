@@ -310,9 +310,10 @@ class Store:
                 for sha, blob, width, height, fmt, *hashes in session.execute(stmt):
                     if sha is None or blob is None:
                         continue
+                    present = [int(h) for h in hashes if h is not None]
                     known = None
-                    if all(h is not None for h in hashes):
-                        known = {k: hash_from_db(int(h)) for k, h in zip(HASH_FIELDS, hashes, strict=True)}
+                    if len(present) == len(HASH_FIELDS):
+                        known = {k: hash_from_db(h) for k, h in zip(HASH_FIELDS, present, strict=True)}
                     found.setdefault(
                         sha,
                         ImageResult(
