@@ -119,7 +119,10 @@ class Settings(BaseSettings):
         default=20, ge=0, le=1000, description="At most this many hash neighbours (closest first) are checked."
     )
     dupe_feature_candidates: int = Field(
-        default=10, ge=0, le=1000, description="'clipsearch dupes': images shortlisted by ORB votes (0: none)."
+        default=10,
+        ge=0,
+        le=1000,
+        description="Images shortlisted by ORB descriptor votes (0: none; the server then prepares no feature index).",
     )
     dupe_cache_size: int = Field(
         default=1024, ge=0, description="Catalog images whose prepared features the server keeps in memory."

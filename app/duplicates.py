@@ -2,15 +2,17 @@
 
 A look-up runs in stages; ``app.dupes`` holds the pure parts, this module the catalog around them:
 
-1. candidates: the query's CLIP nearest neighbours in the vector index, and its perceptual-hash neighbours (a
-   HashIndex over the hashes the indexer stored, searched with the query and its mirror image);
+1. candidates: the query's CLIP nearest neighbours in the vector index, its perceptual-hash neighbours (a
+   HashIndex over the hashes the indexer stored, searched with the query and its mirror image), and the images
+   sharing most ORB descriptors with it (a FeatureIndex, built in the background: these find the crops, borders
+   and overlays that hashes miss, with any CLIP model);
 2. verification: each candidate is decoded from its file and prepared once (hashes, ORB keypoints, a grey
    thumbnail; kept in a bounded LRU), then compared with the query: hash distances, geometric verification with
    local features, pixel agreement of the aligned images;
 3. a verdict per candidate (exact, near_duplicate, similar, different) by the thresholds of the dupe_* settings.
 
-``find_groups`` does the same for every image of the catalog (adding candidates shortlisted by ORB votes) and
-joins the verified copies into groups: burst shots and re-shoots of a scene verify as 'similar' and join nothing.
+``find_groups`` does the same for every image of the catalog and joins the verified copies into groups: burst
+shots and re-shoots of a scene verify as 'similar' and join nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faiss
@@ -34,6 +36,7 @@ from app.dupes import (
     Candidate,
     DupeThresholds,
     Evidence,
+    FeatureHit,
     FeatureIndex,
     HashIndex,
     ImageHashes,
@@ -243,6 +246,120 @@ def _strongest_first(matches: Iterable[Match]) -> list[Match]:
     return sorted(matches, key=lambda m: (m.evidence.sort_key(), -m.id), reverse=True)
 
 
+class FeatureShortlist:
+    """The ORB-vote index of the catalog, brought up to date in a background thread; searches never wait for it.
+
+    The first build prepares every catalog image (decode + ORB, ~30-70 ms each, one thread) and keeps ~16 KB of
+    descriptors per image. Later catalogs (another index was swapped in) only prepare their new or changed images;
+    when the catalog has grown REBUILD_GROWTH times since the build, the index is built again for its new size.
+    """
+
+    REBUILD_GROWTH = 4
+
+    def __init__(self, store: Store, prepare: Callable[[ImageRecord], PreparedImage | None]) -> None:
+        self.store = store
+        self._prepare = prepare
+        self._index: FeatureIndex | None = None
+        self._built_size = 0
+        self._indexed: dict[int, tuple[int, str]] = {}  # id -> PreparedCache.key of what is indexed
+        self._lock = threading.Lock()  # guards the index: FAISS indexes are not safe to change while searched
+        self._state = threading.Condition()
+        self._wanted: object | None = None
+        self._done: object | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def request(self, generation: object) -> None:
+        """Catch up with the catalog of this generation (the served manifest) in the background."""
+        with self._state:
+            if generation is self._wanted or self._stop.is_set():
+                return
+            self._wanted = generation
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dupes-features", daemon=True)
+                self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the index is up to date with the last requested catalog; False on timeout."""
+        with self._state:
+            return self._state.wait_for(lambda: self._done is self._wanted, timeout)
+
+    def search(self, query: PreparedImage, k: int) -> list[FeatureHit]:
+        with self._lock:
+            return self._index.search(query, k) if self._index is not None else []
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __len__(self) -> int:
+        return len(self._indexed)
+
+    def _run(self) -> None:
+        _single_threaded_faiss()
+        while not self._stop.is_set():
+            with self._state:
+                target = self._wanted
+            try:
+                self._catch_up()
+            except Exception:  # a store or decoder failure must not kill look-ups: retry on the next generation
+                log.exception("could not update the local-feature index")
+            with self._state:
+                self._done = target
+                self._state.notify_all()
+                if self._wanted is target:
+                    self._thread = None
+                    return
+
+    def _catch_up(self) -> None:
+        ids = [image_id for image_id, _ in self.store.iter_hashes()]
+        records: dict[int, ImageRecord] = {}
+        for start in range(0, len(ids), 500):
+            records.update(self.store.get_many(ids[start : start + 500]))
+        keys = {image_id: PreparedCache.key(record) for image_id, record in records.items()}
+        if self._index is None or len(keys) > self.REBUILD_GROWTH * max(self._built_size, 64):
+            self._build(records, keys)
+            return
+        gone = [image_id for image_id, key in self._indexed.items() if keys.get(image_id) != key]
+        with self._lock:
+            self._index.remove(gone)
+        for image_id in gone:
+            del self._indexed[image_id]
+        for image_id, record in records.items():
+            if self._stop.is_set():
+                return
+            if image_id in self._indexed:
+                continue
+            prepared = self._prepare(record)
+            if prepared is not None:
+                with self._lock:
+                    self._index.add([image_id], [prepared])
+                self._indexed[image_id] = keys[image_id]
+
+    def _build(self, records: dict[int, ImageRecord], keys: dict[int, tuple[int, str]]) -> None:
+        started = time.perf_counter()
+        ids: list[int] = []
+        light: list[PreparedImage] = []
+        for image_id, record in records.items():
+            if self._stop.is_set():
+                return
+            prepared = self._prepare(record)
+            if prepared is not None:
+                ids.append(image_id)
+                light.append(replace(prepared, thumb=_NO_THUMB, mirrored=None))  # only descriptors are indexed
+        index = FeatureIndex.build(ids, light)
+        with self._lock:
+            self._index = index
+        self._indexed = {image_id: keys[image_id] for image_id in ids}
+        self._built_size = len(ids)
+        log.info("local-feature index: %d images in %.1fs", len(ids), time.perf_counter() - started)
+
+
+_NO_THUMB = np.zeros((1, 1), dtype=np.uint8)
+
+
 # --- the service ---------------------------------------------------------------------------------
 
 
@@ -264,8 +381,15 @@ class DupeService:
         self._hash_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self.features = FeatureShortlist(self.store, self._prepare_uncached)
+
+    def start(self) -> None:
+        """Begin preparing the local-feature index of the catalog being served (when there is one)."""
+        if self.settings.dupe_feature_candidates and self.search.manifest is not None:
+            self.features.request(self.search.manifest)
 
     def close(self) -> None:
+        self.features.close()
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -317,6 +441,13 @@ class DupeService:
         prepared = prepare_catalog_image(image)
         self.prepared.put(record, prepared)
         return prepared
+
+    def _prepare_uncached(self, record: ImageRecord) -> PreparedImage | None:
+        try:
+            return prepare_catalog_image(self._decode_file(record.path))
+        except (OSError, ClipSearchError) as exc:
+            log.info("no local features for %d (%s): %s", record.id, record.path, exc)
+            return None
 
     def _decode_file(self, path: str) -> Image.Image:
         with open(path, "rb") as handle:
@@ -370,7 +501,7 @@ class DupeService:
         if not 1 <= limit <= MAX_MATCHES:
             raise BadQuery(f"limit must be between 1 and {MAX_MATCHES}, got {limit}")
         # On a worker thread: FAISS single-threaded (see _single_threaded_faiss).
-        cosines = self.pool.submit(self._candidates, query.hashes, vector, exclude).result()
+        cosines = self.pool.submit(self._candidates, query, vector, exclude).result()
         records = {i: r for i, r in self.store.get_many(list(cosines)).items() if r.status == ImageStatus.INDEXED}
         matches = self._verify(query, [(records[i], cosines[i]) for i in cosines if i in records])
         ranked = _strongest_first(matches)
@@ -383,17 +514,24 @@ class DupeService:
             took_ms=(time.perf_counter() - started) * 1000.0,
         )
 
-    def _candidates(self, hashes: ImageHashes, vector: np.ndarray, exclude: set[int]) -> dict[int, float | None]:
-        """Candidate id -> CLIP cosine with the query (None when the index does not hold it), CLIP first."""
+    def _candidates(self, query: PreparedImage, vector: np.ndarray, exclude: set[int]) -> dict[int, float | None]:
+        """Candidate id -> CLIP cosine with the query (None when the index does not hold it): CLIP neighbours,
+        then hash neighbours, then ORB-vote neighbours (once the background build has some)."""
         settings = self.settings
         found: dict[int, float | None] = {}
         if settings.dupe_clip_candidates:
             for hit in self.search.search_vector(vector, settings.dupe_clip_candidates, exclude=exclude):
                 found[hit.id] = hit.score
-        neighbours = self.hash_index().range_search(hashes, settings.dupe_hash_radius)
-        for neighbour in [n for n in neighbours if n.id not in exclude][: settings.dupe_hash_candidates]:
-            if neighbour.id not in found:
-                found[neighbour.id] = self._cosine(vector, neighbour.id)
+        others: list[int] = []
+        neighbours = self.hash_index().range_search(query.hashes, settings.dupe_hash_radius)
+        others += [n.id for n in neighbours if n.id not in exclude][: settings.dupe_hash_candidates]
+        if settings.dupe_feature_candidates:
+            self.features.request(self.search.manifest)
+            hits = self.features.search(query, settings.dupe_feature_candidates + len(exclude))
+            others += [h.id for h in hits if h.id not in exclude][: settings.dupe_feature_candidates]
+        for image_id in others:
+            if image_id not in found:
+                found[image_id] = self._cosine(vector, image_id)
         return found
 
     def _cosine(self, vector: np.ndarray, image_id: int) -> float | None:

@@ -2,7 +2,8 @@
 
 The catalog is a few real photos indexed with the tiny random-weight model, whose CLIP cosines mean nothing:
 ``dupe_similar_cosine=1.0`` keeps them from making pairs 'similar', so every verdict here comes from hashes and
-local features.
+local features. The ORB-vote shortlist (built in the background) is off unless a test is about it, so that the
+candidates of a look-up do not depend on how far that build got.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def dupe_settings(data_dir: Path, model_dir: Path, **overrides: object) -> Setti
         "tag_vocabulary": "none",
         "safe_search_vocabulary": "none",
         "dupe_similar_cosine": 1.0,
+        "dupe_feature_candidates": 0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -223,20 +225,53 @@ def test_catalog_features_are_cached_between_look_ups(
     assert [m.id for m in again.matches] == [m.id for m in first.matches]
 
 
-def test_the_hash_index_follows_a_new_index(
-    tmp_path: Path, shared_data: Path, tiny_model_dir: Path, tiny_encoder: Encoder
+@pytest.mark.parametrize(
+    "stage",
+    [{"dupe_hash_candidates": 20}, {"dupe_hash_candidates": 0, "dupe_feature_candidates": 10}],
+    ids=["hash", "orb"],
+)
+def test_candidate_stages_follow_a_new_index(
+    tmp_path: Path, shared_data: Path, tiny_model_dir: Path, tiny_encoder: Encoder, stage: dict[str, int]
 ) -> None:
     photos = copy_photos(tmp_path / "catalog", 3)
-    settings = dupe_settings(tmp_path / "data", tiny_model_dir, dupe_clip_candidates=0)
+    settings = dupe_settings(tmp_path / "data", tiny_model_dir, dupe_clip_candidates=0, **stage)
     index_folder(settings, tiny_encoder, tmp_path / "catalog")
     query = edited_copies(photos[0])["flip"]
     for catalog in open_catalog(settings, photos):
+        catalog.dupes.start()
+        assert catalog.dupes.features.wait(timeout=60)
         before = catalog.dupes.lookup_bytes(query)
         assert len(before.matches) == 1
-        shutil.copy2(photos[0], tmp_path / "catalog" / "copy.jpg")
+        if "dupe_feature_candidates" in stage:
+            # A crop: ORB votes find it, and identical descriptors of a byte-identical copy would split the votes.
+            with Image.open(photos[0]) as image:
+                width, height = image.size
+                image.crop((width // 10, height // 10, width * 9 // 10, height * 9 // 10)).save(
+                    tmp_path / "catalog" / "copy.jpg", quality=90
+                )
+        else:
+            shutil.copy2(photos[0], tmp_path / "catalog" / "copy.jpg")
         index_folder(settings, tiny_encoder, tmp_path / "catalog")
+        catalog.dupes.lookup_bytes(query)  # notices the new index
+        assert catalog.dupes.features.wait(timeout=60)
         after = catalog.dupes.lookup_bytes(query)
         assert sorted(Path(m.path).name for m in after.matches) == ["copy.jpg", photos[0].name]
+
+
+def test_the_orb_shortlist_finds_copies_that_hashes_miss(
+    indexed: tuple[Settings, list[Path]], copies: dict[str, bytes]
+) -> None:
+    settings, photos = indexed
+    without_clip = settings.with_overrides(dupe_clip_candidates=0)
+    for catalog in open_catalog(without_clip, photos):
+        assert catalog.dupes.lookup_bytes(copies["crop_70"]).matches == []  # hash neighbours miss a crop
+    for catalog in open_catalog(without_clip.with_overrides(dupe_feature_candidates=3), photos):
+        catalog.dupes.start()
+        assert catalog.dupes.features.wait(timeout=60) and len(catalog.dupes.features) == CATALOG_SIZE
+        for edit in ("crop_70", "border"):
+            report = catalog.dupes.lookup_bytes(copies[edit])
+            assert [m.id for m in report.matches] == [catalog.id_of(photos[0])], edit
+            assert report.candidates <= 3
 
 
 def test_no_index_is_not_ready(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = await anyio.to_thread.run_sync(_open_service, settings)
         app.state.service = service
         app.state.dupes = DupeService(settings, service)
+        app.state.dupes.start()  # the local-feature index of the catalog is prepared in the background
         metrics.track_index_size(lambda: service.index_count)
         try:
             yield
