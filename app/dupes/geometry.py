@@ -12,11 +12,17 @@ from app.dupes.features import DESCRIPTOR_BYTES, LocalFeatures, PreparedImage
 from app.dupes.settings import DupeThresholds
 
 # The agreement check compares the two grey thumbnails after alignment, in CELL x CELL blocks of the query
-# thumbnail: a block agrees when its local correlation is at least NCC_AGREE (both lightly blurred, so JPEG
-# noise and resampling do not count), or when both blocks are flat. Blocks clipped to black or white in one
-# image (over-exposure after a brightness edit) say nothing and are left out.
+# thumbnail: a block agrees when its local correlation is at least NCC_AGREE, or when both blocks are flat.
+# Blocks clipped to black or white in one image (over-exposure after a brightness edit) say nothing and are
+# left out. Two readings (benchmarks/dupes.py calibrated both):
+# - agreement: both blurred by BLUR_SIGMA, best correlation over shifts of up to SHIFT pixels, so that JPEG
+#   noise, resampling and a pixel of misregistration do not count against a copy;
+# - texture agreement: blurred by TEXTURE_SIGMA, no shift, over the blocks that are not flat in both images:
+#   a white product-shot background agrees with any other, the objects on it must agree too.
 CELL = 12
-BLUR_SIGMA = 1.0
+BLUR_SIGMA = 1.5
+SHIFT = 1
+TEXTURE_SIGMA = 1.0
 NCC_AGREE = 0.6
 FLAT_STD = 2.0
 # A model with more degrees of freedom is kept only with this many times the inliers (+2) of a simpler one.
@@ -58,6 +64,7 @@ class GeometricMatch:
     model: str  # "similarity" | "affine" | "homography" | "none"
     mirrored: bool
     agreement: float
+    texture_agreement: float
     query_overlap: float
     candidate_overlap: float
     query_box: Box
@@ -73,11 +80,12 @@ class GeometricMatch:
         return (
             self.inliers >= thresholds.min_inliers
             and self.agreement >= thresholds.min_agreement
+            and self.texture_agreement >= thresholds.min_texture_agreement
             and self.containment >= thresholds.min_containment
         )
 
 
-NO_MATCH = GeometricMatch(0, 0, 0.0, "none", False, 0.0, 0.0, 0.0, EMPTY_BOX, EMPTY_BOX)
+NO_MATCH = GeometricMatch(0, 0, 0.0, "none", False, 0.0, 0.0, 0.0, 0.0, EMPTY_BOX, EMPTY_BOX)
 
 
 def match_features(query: LocalFeatures, candidate: LocalFeatures, ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -166,31 +174,55 @@ def _cells(values: np.ndarray) -> np.ndarray:
     return trimmed.reshape(rows, CELL, cols, CELL).transpose(0, 2, 1, 3).reshape(rows * cols, CELL * CELL)
 
 
-def pixel_agreement(query_thumb: np.ndarray, candidate_thumb: np.ndarray, matrix: np.ndarray) -> float:
-    """Share of the query thumbnail's overlap cells whose aligned pixels agree (see CELL above).
+def pixel_agreement(query_thumb: np.ndarray, candidate_thumb: np.ndarray, matrix: np.ndarray) -> tuple[float, float]:
+    """(agreement, texture agreement) of the query thumbnail's overlap cells (see CELL above).
 
     ``matrix`` maps candidate-thumbnail pixels to query-thumbnail pixels.
     """
     height, width = query_thumb.shape
     if height < CELL or width < CELL:
-        return 0.0
+        return 0.0, 0.0
     warped = cv2.warpPerspective(candidate_thumb, matrix, (width, height), flags=cv2.INTER_LINEAR)
     inside = cv2.warpPerspective(
         np.full(candidate_thumb.shape, 255, np.uint8), matrix, (width, height), flags=cv2.INTER_NEAREST
     )
-    a = _cells(cv2.GaussianBlur(query_thumb.astype(np.float32), (0, 0), BLUR_SIGMA))
-    b = _cells(cv2.GaussianBlur(warped.astype(np.float32), (0, 0), BLUR_SIGMA))
+    query, candidate = query_thumb.astype(np.float32), warped.astype(np.float32)
     valid = _cells(inside).min(axis=1) > 0
-    std_a, std_b = a.std(axis=1), b.std(axis=1)
+
+    a = _cells(cv2.GaussianBlur(query, (0, 0), BLUR_SIGMA))
+    blurred = cv2.GaussianBlur(candidate, (0, 0), BLUR_SIGMA)
+    b = _cells(blurred)
+    best = np.max([_ncc(a, _cells(_shifted(blurred, dy, dx))) for dy, dx in _SHIFTS], axis=0)
+    agree, counted = _judge_cells(a, b, best, valid)
+    agreement = float(agree[counted].mean()) if counted.any() else 0.0
+
+    a = _cells(cv2.GaussianBlur(query, (0, 0), TEXTURE_SIGMA))
+    b = _cells(cv2.GaussianBlur(candidate, (0, 0), TEXTURE_SIGMA))
+    agree, counted = _judge_cells(a, b, _ncc(a, b), valid)
+    textured = counted & ((a.std(axis=1) >= FLAT_STD) | (b.std(axis=1) >= FLAT_STD))
+    texture = float(agree[textured].mean()) if textured.any() else 0.0
+    return agreement, texture
+
+
+_SHIFTS = [(dy, dx) for dy in range(-SHIFT, SHIFT + 1) for dx in range(-SHIFT, SHIFT + 1)]
+
+
+def _shifted(values: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    return np.roll(values, (dy, dx), axis=(0, 1)) if dy or dx else values
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     covariance = ((a - a.mean(axis=1, keepdims=True)) * (b - b.mean(axis=1, keepdims=True))).mean(axis=1)
-    ncc = covariance / np.maximum(std_a * std_b, 1e-6)
+    return covariance / np.maximum(a.std(axis=1) * b.std(axis=1), 1e-6)
+
+
+def _judge_cells(a: np.ndarray, b: np.ndarray, ncc: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(agreeing cells, cells that count) for per-cell correlations ``ncc``."""
+    std_a, std_b = a.std(axis=1), b.std(axis=1)
     both_flat = (std_a < FLAT_STD) & (std_b < FLAT_STD)
     agree = both_flat | ((std_a >= FLAT_STD) & (std_b >= FLAT_STD) & (ncc >= NCC_AGREE))
-    clipped = ((a.min(axis=1) >= 250) | (a.max(axis=1) <= 5) | (b.min(axis=1) >= 250) | (b.max(axis=1) <= 5)) & ~(
-        both_flat
-    )
-    counted = valid & ~clipped
-    return float(agree[counted].mean()) if counted.any() else 0.0
+    clipped = (a.min(axis=1) >= 250) | (a.max(axis=1) <= 5) | (b.min(axis=1) >= 250) | (b.max(axis=1) <= 5)
+    return agree, valid & ~(clipped & ~both_flat)
 
 
 def _scale_matrix(factor: float) -> np.ndarray:
@@ -214,7 +246,7 @@ def _align(
         src, dst, thresholds.ransac_px, thresholds.similar_inliers, candidate.features.work_size
     )
     if model == "none":
-        return GeometricMatch(len(src), 0, 0.0, "none", mirrored, 0.0, 0.0, 0.0, EMPTY_BOX, EMPTY_BOX)
+        return GeometricMatch(len(src), 0, 0.0, "none", mirrored, 0.0, 0.0, 0.0, 0.0, EMPTY_BOX, EMPTY_BOX)
 
     q_work, c_work = query_features.work_size, candidate.features.work_size
     query_overlap, q_bounds = _overlap(matrix, c_work, q_work)
@@ -224,12 +256,12 @@ def _align(
         return None
     candidate_overlap, c_bounds = _overlap(inverse, q_work, c_work)
 
-    agreement = 0.0
+    agreement = texture = 0.0
     if inliers >= thresholds.similar_inliers:
         q_thumb = np.ascontiguousarray(query.thumb[:, ::-1]) if mirrored else query.thumb
         to_q_thumb = _scale_matrix(q_thumb.shape[1] / q_work[0])
         from_c_thumb = _scale_matrix(c_work[0] / candidate.thumb.shape[1])
-        agreement = pixel_agreement(q_thumb, candidate.thumb, to_q_thumb @ matrix @ from_c_thumb)
+        agreement, texture = pixel_agreement(q_thumb, candidate.thumb, to_q_thumb @ matrix @ from_c_thumb)
 
     # Back to original pixels, with the query unmirrored.
     unmirror = _mirror_matrix(q_work[0]) if mirrored else np.eye(3)
@@ -246,6 +278,7 @@ def _align(
         model=model,
         mirrored=mirrored,
         agreement=agreement,
+        texture_agreement=texture,
         query_overlap=min(1.0, query_overlap),
         candidate_overlap=min(1.0, candidate_overlap),
         query_box=_clip(Box(qx0, qy0, qx1, qy1), query.width, query.height),

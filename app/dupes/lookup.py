@@ -7,8 +7,63 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.dupes.features import PreparedImage
+from app.dupes.hashing import HashIndex
 from app.dupes.settings import DupeThresholds, Verdict
+from app.dupes.shortlist import FeatureIndex
 from app.dupes.verdict import Evidence, compare
+
+#: Hash neighbours: those within HASH_RADIUS bits (pHash or dHash, either orientation), at most HASH_MAX of
+#: them, plus the HASH_KNN nearest by pHash whatever their distance.
+HASH_RADIUS = 10
+HASH_MAX = 5
+HASH_KNN = 3
+#: Local-feature neighbours: the FEATURE_K images with most ORB votes, if they have at least MIN_VOTES.
+FEATURE_K = 6
+MIN_VOTES = 6
+
+
+@dataclass(frozen=True)
+class Shortlisted:
+    """A candidate id, which stages proposed it ("hash", "orb", "clip") and the CLIP cosine if CLIP did."""
+
+    id: int
+    sources: tuple[str, ...]
+    cosine: float | None = None
+
+
+def shortlist(
+    query: PreparedImage,
+    *,
+    hashes: HashIndex | None = None,
+    features: FeatureIndex | None = None,
+    clip_neighbours: Iterable[tuple[int, float]] = (),
+) -> list[Shortlisted]:
+    """Stage 1: the union of hash neighbours, ORB-vote neighbours and the caller's CLIP (id, cosine) pairs.
+
+    Hashes find re-encodes, resizes, colour edits and (through the mirror hashes) flips; ORB votes find
+    crops, rotations, overlays and canvases; CLIP adds semantic neighbours when a real model is loaded.
+    Returned in first-proposed order: hash, then ORB, then CLIP.
+    """
+    sources: dict[int, list[str]] = {}
+    cosines: dict[int, float] = {}
+
+    def propose(image_id: int, source: str) -> None:
+        names = sources.setdefault(int(image_id), [])
+        if source not in names:
+            names.append(source)
+
+    if hashes is not None:
+        for neighbour in hashes.range_search(query.hashes, HASH_RADIUS)[:HASH_MAX]:
+            propose(neighbour.id, "hash")
+        for neighbour in hashes.search(query.hashes, HASH_KNN):
+            propose(neighbour.id, "hash")
+    if features is not None:
+        for hit in features.search(query, FEATURE_K, min_votes=MIN_VOTES):
+            propose(hit.id, "orb")
+    for image_id, cosine in clip_neighbours:
+        propose(image_id, "clip")
+        cosines[int(image_id)] = max(float(cosine), cosines.get(int(image_id), -2.0))
+    return [Shortlisted(i, tuple(names), cosines.get(i)) for i, names in sources.items()]
 
 
 @dataclass(frozen=True)

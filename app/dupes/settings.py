@@ -56,12 +56,19 @@ class DupeThresholds(BaseModel):
         "with 1000 ORB features; copies, even cropped to 50 % or re-encoded at JPEG 10, have dozens to hundreds.",
     )
     min_agreement: float = Field(
-        default=0.8,
+        default=0.85,
         ge=0,
         le=1,
         description="Share of the overlapping area whose aligned pixels agree (local correlation). Copies, "
         "text overlays included, stay above it; burst shots and re-shoots of one scene (the subject moved, "
         "the viewpoint changed) align on the background but fall below it.",
+    )
+    min_texture_agreement: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="The same over the overlap's non-flat areas only: two product shots on white agree on "
+        "their backgrounds, not on their objects.",
     )
     min_containment: float = Field(
         default=0.6,

@@ -75,6 +75,7 @@ class Evidence:
             "inliers": geometry.inliers,
             "inlier_ratio": round(geometry.inlier_ratio, 3),
             "agreement": round(geometry.agreement, 3),
+            "texture_agreement": round(geometry.texture_agreement, 3),
             "model": geometry.model,
             "mirrored": geometry.mirrored,
             "query_overlap": round(geometry.query_overlap, 3),
@@ -154,4 +155,9 @@ def _not_a_copy(geometry: GeometricMatch, t: DupeThresholds) -> str:
         return f"fewer than {t.min_inliers} needed for a copy"
     if geometry.containment < t.min_containment:
         return f"the images only overlap ({geometry.containment:.0%} of the larger share)"
-    return f"only {geometry.agreement:.0%} of the overlap agrees pixel-wise (< {t.min_agreement:.0%})"
+    if geometry.agreement < t.min_agreement:
+        return f"only {geometry.agreement:.0%} of the overlap agrees pixel-wise (< {t.min_agreement:.0%})"
+    return (
+        f"only {geometry.texture_agreement:.0%} of its textured part agrees pixel-wise "
+        f"(< {t.min_texture_agreement:.0%})"
+    )
