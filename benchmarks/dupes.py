@@ -681,10 +681,10 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dupes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--originals", type=int, default=200, help="originals to make edited copies of")
+    parser.add_argument("--originals", type=int, default=150, help="originals to make edited copies of")
     parser.add_argument("--catalog", type=int, default=None, help="cap on the catalog size (default: all data)")
-    parser.add_argument("--faces", type=int, default=200, help="Faces_easy -> Faces queries (max 435)")
-    parser.add_argument("--unrelated", type=int, default=200, help="held-out photos queried as unrelated")
+    parser.add_argument("--faces", type=int, default=150, help="Faces_easy -> Faces queries (max 435)")
+    parser.add_argument("--unrelated", type=int, default=150, help="held-out photos queried as unrelated")
     parser.add_argument("--bursts", type=int, default=60, help="Faces_easy queries whose burst pairs are judged")
     parser.add_argument(
         "--pad-to",

@@ -27,6 +27,8 @@ NCC_AGREE = 0.6
 FLAT_STD = 2.0
 # A model with more degrees of freedom is kept only with this many times the inliers (+2) of a simpler one.
 HOMOGRAPHY_GAIN = 1.1
+# ... and a homography is only tried when the simpler models leave this share of the matches unexplained.
+HOMOGRAPHY_WORTH = 0.9
 MAX_ANISOTROPY = 4.0
 
 
@@ -118,7 +120,7 @@ def _fit(
         inliers = int(mask.sum())
         if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(full):
             best = (model, full, inliers)
-    if best[2] >= enough and len(src) >= 4:
+    if enough <= best[2] < HOMOGRAPHY_WORTH * len(src) and len(src) >= 4:
         homography, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=1000, confidence=0.995)
         if homography is not None and mask is not None:
             inliers = int(mask.sum())
@@ -192,13 +194,14 @@ def pixel_agreement(query_thumb: np.ndarray, candidate_thumb: np.ndarray, matrix
     a = _cells(cv2.GaussianBlur(query, (0, 0), BLUR_SIGMA))
     blurred = cv2.GaussianBlur(candidate, (0, 0), BLUR_SIGMA)
     b = _cells(blurred)
-    best = np.max([_ncc(a, _cells(_shifted(blurred, dy, dx))) for dy, dx in _SHIFTS], axis=0)
+    centred = _centred(a)
+    best = np.max([_ncc(centred, _cells(_shifted(blurred, dy, dx))) for dy, dx in _SHIFTS], axis=0)
     agree, counted = _judge_cells(a, b, best, valid)
     agreement = float(agree[counted].mean()) if counted.any() else 0.0
 
     a = _cells(cv2.GaussianBlur(query, (0, 0), TEXTURE_SIGMA))
     b = _cells(cv2.GaussianBlur(candidate, (0, 0), TEXTURE_SIGMA))
-    agree, counted = _judge_cells(a, b, _ncc(a, b), valid)
+    agree, counted = _judge_cells(a, b, _ncc(_centred(a), b), valid)
     textured = counted & ((a.std(axis=1) >= FLAT_STD) | (b.std(axis=1) >= FLAT_STD))
     texture = float(agree[textured].mean()) if textured.any() else 0.0
     return agreement, texture
@@ -211,9 +214,16 @@ def _shifted(values: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return np.roll(values, (dy, dx), axis=(0, 1)) if dy or dx else values
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    covariance = ((a - a.mean(axis=1, keepdims=True)) * (b - b.mean(axis=1, keepdims=True))).mean(axis=1)
-    return covariance / np.maximum(a.std(axis=1) * b.std(axis=1), 1e-6)
+def _centred(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cells minus their means, and their norms: the part of a correlation that one side can reuse."""
+    centred = cells - cells.mean(axis=1, keepdims=True)
+    return centred, np.sqrt(np.einsum("ij,ij->i", centred, centred))
+
+
+def _ncc(a: tuple[np.ndarray, np.ndarray], b: np.ndarray) -> np.ndarray:
+    """Per-cell normalised cross-correlation of centred cells ``a`` with cells ``b``."""
+    b_centred, b_norm = _centred(b)
+    return np.einsum("ij,ij->i", a[0], b_centred) / np.maximum(a[1] * b_norm, 1e-6)
 
 
 def _judge_cells(a: np.ndarray, b: np.ndarray, ncc: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
