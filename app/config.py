@@ -132,7 +132,10 @@ class Settings(BaseSettings):
     dupe_ransac_px: float = Field(default=4.0, gt=0, description="RANSAC tolerance in 512-px work-image pixels.")
     dupe_min_inliers: int = Field(default=15, ge=4, description="Geometric inliers needed to call a pair a copy.")
     dupe_min_agreement: float = Field(
-        default=0.8, ge=0, le=1, description="Share of the overlap whose aligned pixels must agree for a copy."
+        default=0.85, ge=0, le=1, description="Share of the overlap whose aligned pixels must agree for a copy."
+    )
+    dupe_min_texture_agreement: float = Field(
+        default=0.6, ge=0, le=1, description="The same agreement over the overlap's non-flat (textured) areas only."
     )
     dupe_min_containment: float = Field(
         default=0.6, ge=0, le=1, description="The overlap must cover this share of one image for a copy."
