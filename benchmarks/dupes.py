@@ -49,6 +49,7 @@ from app.dupes import (
     prepare_catalog_image,
     prepare_query,
     shortlist,
+    verify,
 )
 from app.dupes.lookup import FEATURE_K, HASH_KNN, HASH_MAX, HASH_RADIUS, MIN_VOTES
 from benchmarks.common import write_results
@@ -87,6 +88,7 @@ KNOWN_COPIES: list[tuple[str, ...]] = [
             ("euphonium", (20, 21)),  # recoloured
             ("garfield", (23, 24, 25, 32, 33, 34)),  # one drawing, cropped and recoloured
             ("grand_piano", (3, 46)),
+            ("grand_piano", (57, 66)),  # the same photo in an advertisement
             ("hawksbill", (29, 30)),  # pasted on a map
             ("ibis", (76, 79)),
             ("inline_skate", (27, 30)),
@@ -223,8 +225,8 @@ EDITS: dict[str, Edit] = {
     "mix": _mix,
 }
 JPEG_QUALITY = {"jpeg75": 75, "jpeg50": 50, "jpeg30": 30, "jpeg10": 10, "mix": 50}
-MILD = ("jpeg75", "jpeg50", "jpeg30", "jpeg10", "resize0.5", "resize0.25", "grey", "brightness30", "contrast30")
-MILD += ("flip", "border")
+MILD: tuple[str, ...] = ("jpeg75", "jpeg50", "jpeg30", "jpeg10", "resize0.5", "resize0.25", "grey")
+MILD += ("brightness30", "contrast30", "flip", "border")
 HARD = ("crop50", "rot5", "rot10", "rot90")
 
 
@@ -293,7 +295,7 @@ def build_dataset(n_originals: int, max_catalog: int | None, n_faces: int, n_unr
 
 
 def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
+    image: Image.Image = Image.open(io.BytesIO(data))
     image = ImageOps.exif_transpose(image) or image
     return image.convert("RGB")
 
@@ -529,6 +531,128 @@ def scan_known_copies(workers: int) -> None:
             print(f'    ("{photos[key[0]]}", "{photos[key[1]]}"),  # {reason[:70]}')
 
 
+DETECTOR_KINDS = ("jpeg10", "resize0.25", "crop50", "rot10", "blur", "mix")
+
+
+def compare_detectors(originals: list[str], seed: int) -> tuple[str, dict[str, Any]]:
+    """ORB (what app.dupes uses) against SIFT on the same work images, same ratio test and RANSAC.
+
+    For each edit kind: the share of copies verified with >= 15 inliers, the median inliers, and the CPU time
+    to extract features (query side) and to match + fit one pair.
+    """
+    import cv2
+
+    from app.dupes.features import CATALOG_FEATURES, QUERY_FEATURES, work_image
+
+    sift_query = cv2.SIFT_create(QUERY_FEATURES)  # type: ignore[attr-defined]
+    sift_catalog = cv2.SIFT_create(CATALOG_FEATURES)  # type: ignore[attr-defined]
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+
+    def sift(detector: Any, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        grey, _ = work_image(image)
+        keypoints, descriptors = detector.detectAndCompute(grey, None)
+        points = np.array([k.pt for k in keypoints], dtype=np.float32).reshape(-1, 2)
+        return points, descriptors if descriptors is not None else np.zeros((0, 128), np.float32)
+
+    def sift_inliers(q: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray]) -> int:
+        if len(q[0]) < 2 or len(c[0]) < 2:
+            return 0
+        pairs = matcher.knnMatch(q[1], c[1], k=2)
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < 0.8 * p[1].distance]
+        if len(good) < 3:
+            return 0
+        src = c[0][[m.trainIdx for m in good]]
+        dst = q[0][[m.queryIdx for m in good]]
+        _, mask = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=4.0)
+        return int(mask.sum()) if mask is not None else 0
+
+    rows: list[dict[str, Any]] = []
+    for kind in DETECTOR_KINDS:
+        orb_inl, sift_inl, times = [], [], defaultdict(list)
+        for source in originals:
+            original = load_catalog_image(source)
+            edited = _decode(make_query(DATA / source, kind, seed))
+            t0 = time.process_time()
+            orb_q = prepare_query(edited)
+            t1 = time.process_time()
+            orb_c = prepare_catalog_image(original)
+            t2 = time.process_time()
+            orb_inl.append(verify(orb_q, orb_c).inliers)
+            t3 = time.process_time()
+            sift_q = sift(sift_query, edited)
+            t4 = time.process_time()
+            sift_c = sift(sift_catalog, original)
+            t5 = time.process_time()
+            sift_inl.append(sift_inliers(sift_q, sift_c))
+            t6 = time.process_time()
+            times["orb_extract"].append(t1 - t0)
+            times["orb_match"].append(t3 - t2)
+            times["sift_extract"].append(t4 - t3)
+            times["sift_match"].append(t6 - t5)
+        rows.append(
+            {
+                "kind": kind,
+                "pairs": len(originals),
+                "orb_verified": _rate([i >= 15 for i in orb_inl]),
+                "sift_verified": _rate([i >= 15 for i in sift_inl]),
+                "orb_median_inliers": float(np.median(orb_inl)),
+                "sift_median_inliers": float(np.median(sift_inl)),
+                **{f"{k}_ms": 1000 * float(np.median(v)) for k, v in times.items()},
+            }
+        )
+    lines = [
+        "| edit kind | pairs | verified ORB | verified SIFT | median inliers ORB | SIFT "
+        "| extract ms ORB (x2: + mirror) | SIFT | match+fit ms ORB (both orientations if needed) | SIFT |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['pairs']} | {_f(r['orb_verified'])} | {_f(r['sift_verified'])} "
+            f"| {r['orb_median_inliers']:.0f} | {r['sift_median_inliers']:.0f} | {r['orb_extract_ms']:.0f} "
+            f"| {r['sift_extract_ms']:.0f} | {r['orb_match_ms']:.1f} | {r['sift_match_ms']:.1f} |"
+        )
+    return "\n".join(lines), {"rows": rows}
+
+
+def calibration(records: list[dict[str, Any]], bursts: list[dict[str, Any]], t: DupeThresholds) -> list[str]:
+    """The numbers behind each threshold: where copies and non-copies fall on each piece of evidence."""
+    copies = [r["truth_evidence"] for r in records if "truth_evidence" in r and r["kind"] not in ("exact",)]
+    verified = [e for e in copies if e["inliers"] >= t.min_inliers]
+    others = [r["top_other"] for r in records if "top_other" in r and r["kind"] != "faces"]
+    unrelated = [o for o in others if o["verdict"] == "different" or o["inliers"] < t.similar_inliers]
+    aligned_bursts = [b for b in bursts if b["inliers"] >= t.min_inliers]
+    ratios = [e["inlier_ratio"] for e in verified if e["agreement"] >= t.min_agreement]
+
+    def q(values: list[float], p: float) -> str:
+        return f"{np.percentile(values, p, method='lower'):.2f}".removesuffix(".00") if values else "–"
+
+    heavy = [e for r, e in ((r, r.get("truth_evidence")) for r in records) if e and r["kind"] in ("mix", "jpeg10")]
+    heavy = [e for e in heavy if e["inliers"] >= t.min_inliers]
+    return [
+        "",
+        "Calibration (the evidence of every query's true copy vs the best-ranked other candidate):",
+        f"- min_inliers = {t.min_inliers}: inliers of the true copy p1/p5 = "
+        f"{q([e['inliers'] for e in copies], 1)}/{q([e['inliers'] for e in copies], 5)}; the best other candidate "
+        f"of made copies and unrelated queries p99/max = {q([o['inliers'] for o in others], 99)}/"
+        f"{max([o['inliers'] for o in others], default=0)}.",
+        f"- min_inlier_ratio = {t.min_inlier_ratio}: verified copies p0.5/p1 = {q(ratios, 0.5)}/{q(ratios, 1)}; "
+        "the chessboard pairs (right04/left12) align 15-18 of ~250 matches (6-10 %).",
+        f"- min_agreement = {t.min_agreement}: agreement of verified copies p2/p5/p10 = "
+        f"{q([e['agreement'] for e in verified], 2)}/{q([e['agreement'] for e in verified], 5)}/"
+        f"{q([e['agreement'] for e in verified], 10)} (JPEG 10 and the strong mix p10 = "
+        f"{q([e['agreement'] for e in heavy], 10)}); burst shots that align (Faces_easy/N vs Faces/N+-1,2, "
+        f"{len(aligned_bursts)} pairs) p99/max = {q([b['agreement'] for b in aligned_bursts], 99)}/"
+        f"{max([b['agreement'] for b in aligned_bursts], default=0):.2f}.",
+        f"- min_texture_agreement = {t.min_texture_agreement}: verified copies p1/p5 = "
+        f"{q([e['texture_agreement'] for e in verified], 1)}/{q([e['texture_agreement'] for e in verified], 5)}; "
+        "product shots on white that align by chance score 0.29-0.40 (scissors/wrench, --scan-known).",
+        f"- min_containment = {t.min_containment}: copies' overlap p1 = {q([e['containment'] for e in verified], 1)}; "
+        "two views that merely overlap (a panorama's neighbouring frames) are 'similar'.",
+        f"- hash_near = {t.hash_near}: only used when local features cannot judge; "
+        f"{len(unrelated)} unrelated best candidates had pHash p1 = {q([o['phash'] for o in unrelated], 1)}.",
+    ]
+
+
 def _init_worker(state: dict[str, Any]) -> None:
     _single_thread()
     _STATE.update(state)
@@ -650,7 +774,7 @@ def render(rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(records: list[dict[str, Any]], latency: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def pick(kinds: tuple[str, ...]) -> list[dict[str, Any]]:
         return [r for r in records if r["kind"] in kinds]
 
@@ -659,13 +783,19 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ("R@1 on mild edits (JPEG, resize, colour, flip, border)", _rate([r["r1"] for r in mild]), ">=", 0.95),
         ("R@1 on crops to 50 % and rotations", _rate([r["r1"] for r in hard]), ">=", 0.80),
         ("false-positive near-duplicate verdicts (all queries)", _rate([r["fp"] for r in records]), "<=", 0.01),
-        ("look-up p50 ms, wall clock (all queries)", _pct([r["ms"] for r in records], 50), "<=", 150.0),
         (
-            "look-up p50 ms, CPU time of the single-threaded worker",
-            _pct([r["cpu_ms"] for r in records], 50),
+            f"look-up p50 ms, one request at a time ({len(latency)} sampled queries, wall clock)",
+            _pct([r["ms"] for r in latency], 50),
             "<=",
             150.0,
         ),
+        (
+            "look-up p50 ms, all queries, 2 processes on 2 cores (wall clock)",
+            _pct([r["ms"] for r in records], 50),
+            "<=",
+            150.0,
+        ),
+        ("look-up p50 ms, all queries, CPU time of one thread", _pct([r["cpu_ms"] for r in records], 50), "<=", 150.0),
     ]
     for kind in HARD:
         checks.append((f"R@1 on {kind}", _rate([r["r1"] for r in pick((kind,))]), ">=", 0.80))
@@ -697,13 +827,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="", help="add CLIP neighbours, e.g. local-dir:/path/to/model")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--latency", type=int, default=300, help="queries re-run one at a time for the single-request latency"
+    )
+    parser.add_argument(
+        "--detectors", type=int, default=0, metavar="N", help="compare ORB with SIFT on N originals, then exit"
+    )
     parser.add_argument("--scan-known", action="store_true", help="list copies already inside shared/data, exit")
     parser.add_argument("--records", default="", help="also write every query's record (JSON) to this file")
     parser.add_argument("--name", default="dupes", help="results file name (benchmarks/results/<name>.*)")
     args = parser.parse_args(argv)
     if args.quick:
         args.originals, args.catalog, args.faces, args.unrelated, args.bursts = 24, 1500, 40, 40, 15
-        args.pad_to = 0
+        args.pad_to, args.latency = 0, 100
     return args
 
 
@@ -726,6 +862,15 @@ def main(argv: list[str] | None = None) -> None:
     _single_thread()  # OpenMP threads spin on a busy 2-core machine: one thread is several times faster
     if args.scan_known:
         scan_known_copies(args.workers)
+        return
+    if args.detectors:
+        data = build_dataset(args.detectors, None, 0, 0, args.seed)
+        table, result = compare_detectors(data.originals, args.seed)
+        detector_notes = (
+            "Same work images (longest side 512), ratio test 0.8, similarity RANSAC at 4 px; CPU times of one "
+            "thread. ORB extraction covers the query and its mirror image (flips), SIFT only the image."
+        )
+        write_results(f"{args.name}-detectors", result, table, notes=detector_notes)
         return
     kinds = [k for k in args.kinds.split(",") if k] or list(EDITS)
     unknown = set(kinds) - set(EDITS)
@@ -763,6 +908,10 @@ def main(argv: list[str] | None = None) -> None:
         _init_worker(state)
         records = [run_query(t) for t in tasks]
     query_s = time.perf_counter() - query_start
+    # Single-request latency: one look-up at a time in this process, nothing else of ours running.
+    latency_tasks = random.Random(args.seed).sample(tasks, min(args.latency, len(tasks)))
+    _init_worker(state)
+    latency = [run_query(t) for t in latency_tasks]
 
     rng = random.Random(args.seed)
     bursts = judge_pairs(burst_pairs(data.faces, args.bursts, rng), thresholds)
@@ -772,7 +921,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = summarise(records)
     table = render(rows, records)
-    checks = targets(records)
+    checks = targets(records, latency)
     total_s = time.perf_counter() - started
     burst_nd = _rate([b["verdict"] in ("near_duplicate", "exact") for b in bursts])
     scene_nd = _rate([b["verdict"] in ("near_duplicate", "exact") for b in scenes])
@@ -805,11 +954,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{', '.join(c['verdict'] for c in copies)}.",
         f"Run time: {total_s:.0f}s (catalog {timings['prepare_s']:.0f}s, queries {query_s:.0f}s).",
         "",
+        *calibration(records, bursts, thresholds),
+        "",
         "| target | value | goal | met |",
         "| --- | ---: | --- | --- |",
         *[f"| {c['target']} | {_f(c['value'])} | {c['goal']} | {'yes' if c['met'] else 'NO'} |" for c in checks],
     ]
     stage = {
+        "single_request_ms_p50": _pct([r["ms"] for r in latency], 50),
+        "single_request_ms_p95": _pct([r["ms"] for r in latency], 95),
         "cpu_ms_p50": _pct([r["cpu_ms"] for r in records], 50),
         "cpu_ms_p95": _pct([r["cpu_ms"] for r in records], 95),
         "prepare_ms_p50": _pct([r["prepare_ms"] for r in records], 50),
@@ -819,6 +972,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     notes.insert(
         6,
+        f"Single-request latency ({len(latency)} sampled queries, one at a time): p50 "
+        f"{stage['single_request_ms_p50']:.0f} ms, p95 {stage['single_request_ms_p95']:.0f} ms wall clock. "
+        "The table's times come from the 2-process run (both cores busy with ours, plus other users' load). "
         f"Look-up stages, p50: decode+prepare {stage['prepare_ms_p50']:.0f} ms, shortlist "
         f"{stage['shortlist_ms_p50']:.0f} ms, verification {stage['verify_ms_p50']:.0f} ms "
         f"({stage['candidates_mean']:.1f} candidates on average).",

@@ -356,6 +356,8 @@ def test_thresholds_decide_the_verdict(fruits: Image.Image, fruits_prepared: Pre
     assert compare(query, fruits_prepared).verdict == Verdict.NEAR_DUPLICATE
     strict = compare(query, fruits_prepared, thresholds=DupeThresholds(min_texture_agreement=1.0, hash_near=0))
     assert strict.verdict == Verdict.SIMILAR and "agrees pixel-wise" in strict.reason
+    pattern = compare(query, fruits_prepared, thresholds=DupeThresholds(min_inlier_ratio=1.0, hash_near=0))
+    assert pattern.verdict == Verdict.SIMILAR and "of the matches" in pattern.reason
     blind = DupeThresholds(min_inliers=10_000, similar_inliers=10_000, hash_near=0, hash_similar=0)
     assert compare(query, fruits_prepared, thresholds=blind).verdict == Verdict.DIFFERENT
 

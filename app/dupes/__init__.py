@@ -56,7 +56,8 @@ Comparing and looking up::
 Verdicts (``Verdict``, a StrEnum with ``.rank`` and ``.at_least``)::
 
     exact           identical decoded pixels, or pHash = dHash = 0 at the same size (not contradicted)
-    near_duplicate  an edited copy: >= min_inliers RANSAC inliers, >= min_agreement of the aligned overlap agrees
+    near_duplicate  an edited copy: >= min_inliers RANSAC inliers (>= min_inlier_ratio of the matches),
+                    >= min_agreement of the aligned overlap agrees
                     (and >= min_texture_agreement of its non-flat part), the overlap fills >= min_containment
                     of one image; or pHash and dHash <= hash_near when local features cannot judge
     similar         same scene or object without a verified copy: >= similar_inliers inliers (a burst shot, a

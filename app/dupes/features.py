@@ -109,7 +109,7 @@ class PreparedImage:
             mirrored = None
             if "m_points" in npz:
                 mirrored = LocalFeatures(npz["m_points"].astype(np.float32), npz["m_descriptors"], work, scale)
-            thumb = cv2.imdecode(npz["thumb"], cv2.IMREAD_GRAYSCALE)
+            thumb = np.asarray(cv2.imdecode(npz["thumb"], cv2.IMREAD_GRAYSCALE), dtype=np.uint8)
             return cls(width, height, npz["digest"].tobytes().hex(), hashes, features, thumb, mirrored)
 
 
@@ -166,7 +166,9 @@ def orb_features(grey: np.ndarray, scale: float, max_features: int) -> LocalFeat
 
 
 def _orb(grey: np.ndarray, max_features: int, fast_threshold: int) -> tuple[Sequence[cv2.KeyPoint], np.ndarray | None]:
-    orb = cv2.ORB_create(nfeatures=max_features, fastThreshold=fast_threshold, edgeThreshold=15, patchSize=31)
+    orb = cv2.ORB_create(  # type: ignore[attr-defined]
+        nfeatures=max_features, fastThreshold=fast_threshold, edgeThreshold=15, patchSize=31
+    )
     keypoints, descriptors = orb.detectAndCompute(grey, None)
     return keypoints, descriptors
 

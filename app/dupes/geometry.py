@@ -81,6 +81,7 @@ class GeometricMatch:
     def is_copy(self, thresholds: DupeThresholds) -> bool:
         return (
             self.inliers >= thresholds.min_inliers
+            and self.inlier_ratio >= thresholds.min_inlier_ratio
             and self.agreement >= thresholds.min_agreement
             and self.texture_agreement >= thresholds.min_texture_agreement
             and self.containment >= thresholds.min_containment

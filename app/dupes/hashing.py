@@ -162,8 +162,8 @@ class HashIndex:
         if not present:
             return 0
         selector = np.asarray(present, dtype=np.int64)
-        self._phash.remove_ids(selector)
-        self._dhash.remove_ids(selector)
+        self._phash.remove_ids(selector)  # type: ignore[arg-type]  # the SWIG wrapper takes an id array too
+        self._dhash.remove_ids(selector)  # type: ignore[arg-type]
         for image_id in present:
             del self._hashes[image_id]
         return len(present)

@@ -55,6 +55,13 @@ class DupeThresholds(BaseModel):
         description="Geometric inliers needed to call a pair a copy. Unrelated photos reach at most ~11 "
         "with 1000 ORB features; copies, even cropped to 50 % or re-encoded at JPEG 10, have dozens to hundreds.",
     )
+    min_inlier_ratio: float = Field(
+        default=0.15,
+        ge=0,
+        le=1,
+        description="Inliers as a share of the ratio-test matches. A copy keeps most of its matches (99 % of "
+        "them keep more than half); a repetitive pattern (a chessboard, a tiled floor) aligns a few of hundreds.",
+    )
     min_agreement: float = Field(
         default=0.85,
         ge=0,

@@ -131,7 +131,7 @@ class FeatureIndex:
     def remove(self, ids: Sequence[int]) -> int:
         present = [int(i) for i in ids if int(i) in self._ids]
         if present:
-            self._index.remove_ids(np.asarray(present, dtype=np.int64))
+            self._index.remove_ids(np.asarray(present, dtype=np.int64))  # type: ignore[arg-type]
             self._ids.difference_update(present)
         return len(present)
 

@@ -153,6 +153,8 @@ def _contradicted(geometry: GeometricMatch, query: PreparedImage, candidate: Pre
 def _not_a_copy(geometry: GeometricMatch, t: DupeThresholds) -> str:
     if geometry.inliers < t.min_inliers:
         return f"fewer than {t.min_inliers} needed for a copy"
+    if geometry.inlier_ratio < t.min_inlier_ratio:
+        return f"they are only {geometry.inlier_ratio:.0%} of the matches (< {t.min_inlier_ratio:.0%})"
     if geometry.containment < t.min_containment:
         return f"the images only overlap ({geometry.containment:.0%} of the larger share)"
     if geometry.agreement < t.min_agreement:
