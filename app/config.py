@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     dupe_ratio: float = Field(default=0.8, gt=0, le=1, description="Lowe's ratio test for ORB matches.")
     dupe_ransac_px: float = Field(default=4.0, gt=0, description="RANSAC tolerance in 512-px work-image pixels.")
     dupe_min_inliers: int = Field(default=15, ge=4, description="Geometric inliers needed to call a pair a copy.")
+    dupe_min_inlier_ratio: float = Field(
+        default=0.15, ge=0, le=1, description="Inliers as a share of the ratio-test matches (repetitive patterns fail)."
+    )
     dupe_min_agreement: float = Field(
         default=0.85, ge=0, le=1, description="Share of the overlap whose aligned pixels must agree for a copy."
     )
