@@ -618,8 +618,8 @@ def calibration(records: list[dict[str, Any]], bursts: list[dict[str, Any]], t: 
     """The numbers behind each threshold: where copies and non-copies fall on each piece of evidence."""
     copies = [r["truth_evidence"] for r in records if "truth_evidence" in r and r["kind"] not in ("exact",)]
     verified = [e for e in copies if e["inliers"] >= t.min_inliers]
-    others = [r["top_other"] for r in records if "top_other" in r and r["kind"] != "faces"]
-    unrelated = [o for o in others if o["verdict"] == "different" or o["inliers"] < t.similar_inliers]
+    others = [r["top_other"] for r in records if "top_other" in r and r["kind"] == "unrelated"]
+    unrelated = [r["top_other"] for r in records if "top_other" in r and r["top_other"]["inliers"] < t.min_inliers]
     aligned_bursts = [b for b in bursts if b["inliers"] >= t.min_inliers]
     ratios = [e["inlier_ratio"] for e in verified if e["agreement"] >= t.min_agreement]
 
@@ -632,9 +632,9 @@ def calibration(records: list[dict[str, Any]], bursts: list[dict[str, Any]], t: 
         "",
         "Calibration (the evidence of every query's true copy vs the best-ranked other candidate):",
         f"- min_inliers = {t.min_inliers}: inliers of the true copy p1/p5 = "
-        f"{q([e['inliers'] for e in copies], 1)}/{q([e['inliers'] for e in copies], 5)}; the best other candidate "
-        f"of made copies and unrelated queries p99/max = {q([o['inliers'] for o in others], 99)}/"
-        f"{max([o['inliers'] for o in others], default=0)}.",
+        f"{q([e['inliers'] for e in copies], 1)}/{q([e['inliers'] for e in copies], 5)}; the best candidate of a "
+        f"held-out (unrelated) photo p50/p99/max = {q([o['inliers'] for o in others], 50)}/"
+        f"{q([o['inliers'] for o in others], 99)}/{max([o['inliers'] for o in others], default=0)}.",
         f"- min_inlier_ratio = {t.min_inlier_ratio}: verified copies p0.5/p1 = {q(ratios, 0.5)}/{q(ratios, 1)}; "
         "the chessboard pairs (right04/left12) align 15-18 of ~250 matches (6-10 %).",
         f"- min_agreement = {t.min_agreement}: agreement of verified copies p2/p5/p10 = "
@@ -648,8 +648,9 @@ def calibration(records: list[dict[str, Any]], bursts: list[dict[str, Any]], t: 
         "product shots on white that align by chance score 0.29-0.40 (scissors/wrench, --scan-known).",
         f"- min_containment = {t.min_containment}: copies' overlap p1 = {q([e['containment'] for e in verified], 1)}; "
         "two views that merely overlap (a panorama's neighbouring frames) are 'similar'.",
-        f"- hash_near = {t.hash_near}: only used when local features cannot judge; "
-        f"{len(unrelated)} unrelated best candidates had pHash p1 = {q([o['phash'] for o in unrelated], 1)}.",
+        f"- hash_near = {t.hash_near}: only used when local features cannot judge; the best non-matching "
+        f"candidates ({len(unrelated)}, < {t.min_inliers} inliers) have pHash p0.5/p1 = "
+        f"{q([o['phash'] for o in unrelated], 0.5)}/{q([o['phash'] for o in unrelated], 1)} bits.",
     ]
 
 
