@@ -957,6 +957,18 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *calibration(records, bursts, thresholds),
         "",
+        "What is left (read the false_positive_examples in dupes.json):",
+        "- Burst frames from a tripod where only a small part changed (Caltech Faces/image_0159-0163: one man, "
+        "eyes closed or open, the face a tenth of the frame) agree on 85-90 % of the overlap, as much as a copy "
+        "with a text overlay; they are called near-duplicates. A stricter min_agreement trades them against "
+        "overlays and heavy edits (0.90 would lose ~20 % of the strong mix and text copies).",
+        "- Standard flat designs photographed or drawn separately (stop signs, banknotes) align pixel for pixel "
+        "and are called near-duplicates: right for a copyright check of the design, not for 'the same photo'.",
+        "- Crops to 50 % of a small (300 px) photo leave a 150-px query: 5 % of them are not shortlisted "
+        "without CLIP neighbours; the verdict of a crop of the true photo is near_duplicate in 85 %.",
+        "- Verdicts are directional (agreement is measured in the query's frame): 'clipsearch dupes' should "
+        "take a pair as linked when either direction verifies.",
+        "",
         "| target | value | goal | met |",
         "| --- | ---: | --- | --- |",
         *[f"| {c['target']} | {_f(c['value'])} | {c['goal']} | {'yes' if c['met'] else 'NO'} |" for c in checks],

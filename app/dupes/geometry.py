@@ -26,7 +26,7 @@ TEXTURE_SIGMA = 1.0
 NCC_AGREE = 0.6
 FLAT_STD = 2.0
 # A model with more degrees of freedom is kept only with this many times the inliers (+2) of a simpler one.
-HOMOGRAPHY_GAIN = 1.1
+MODEL_GAIN = 1.1
 # ... and a homography is only tried when the simpler models leave this share of the matches unexplained.
 HOMOGRAPHY_WORTH = 0.9
 MAX_ANISOTROPY = 4.0
@@ -109,7 +109,7 @@ def _fit(
 
     A similarity (rotation, uniform scale, translation) covers resizes, crops and rotations and, having the
     fewest degrees of freedom, aligns most precisely; an affine or a homography must earn its extra freedom
-    with HOMOGRAPHY_GAIN more inliers. The homography is tried only once ``enough`` inliers are found: among
+    with MODEL_GAIN more inliers. The homography is tried only once ``enough`` inliers are found: among
     random matches its RANSAC runs all its iterations (~30 ms) for a spurious fit.
     """
     best: tuple[str, np.ndarray, int] = ("none", np.eye(3), 0)
@@ -119,13 +119,13 @@ def _fit(
             continue
         full = np.vstack([matrix, [0.0, 0.0, 1.0]])
         inliers = int(mask.sum())
-        if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(full):
+        if inliers > best[2] * MODEL_GAIN + 2 and _plausible(full):
             best = (model, full, inliers)
     if enough <= best[2] < HOMOGRAPHY_WORTH * len(src) and len(src) >= 4:
         homography, mask = cv2.findHomography(src, dst, cv2.RANSAC, ransac_px, maxIters=1000, confidence=0.995)
         if homography is not None and mask is not None:
             inliers = int(mask.sum())
-            if inliers > best[2] * HOMOGRAPHY_GAIN + 2 and _plausible(homography) and _keeps_convex(homography, frame):
+            if inliers > best[2] * MODEL_GAIN + 2 and _plausible(homography) and _keeps_convex(homography, frame):
                 best = ("homography", homography, inliers)
     return best
 
