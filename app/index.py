@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,13 +29,28 @@ def choose_kind(count: int, requested: str = "auto", ivf_min_vectors: int = 200_
     return IVF_SQ8 if count >= ivf_min_vectors else FLAT
 
 
-def nlist_for(count: int) -> int:
-    """Inverted lists for an IVF index: about 4 * sqrt(n), a power of two, with >= 39 training points each."""
-    target = 4 * int(np.sqrt(max(count, 1)))
-    nlist = 1 << max(4, int(np.log2(max(target, 16))))
-    while nlist > 16 and count < 39 * nlist:
+MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below this many training points per centroid
+
+
+def nlist_for(count: int, training_size: int | None = None) -> int:
+    """Inverted lists for an IVF index over ``count`` vectors (the whole catalog, not the training sample):
+    the power of two nearest 4 * sqrt(n), at least 16 (1M vectors: 4,096 lists); halved while a training
+    sample of ``training_size`` points would hold fewer than 39 per list."""
+    target = 4 * np.sqrt(max(count, 1))
+    nlist = 1 << max(4, int(round(np.log2(target))))
+    while training_size is not None and nlist > 16 and training_size < MIN_POINTS_PER_LIST * nlist:
         nlist //= 2
     return nlist
+
+
+TRAINING_POINTS_PER_LIST = 256
+MAX_TRAINING_SAMPLE = 200_000
+
+
+def training_size_for(nlist: int) -> int:
+    """How many vectors to train ``nlist`` centroids on: 256 per list, capped at 200k (k-means time),
+    but never below FAISS's 39 per list."""
+    return max(MIN_POINTS_PER_LIST * nlist, min(TRAINING_POINTS_PER_LIST * nlist, MAX_TRAINING_SAMPLE))
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,9 @@ class Manifest:
     index_file: str
     description: str = ""
     format_version: int = 1
+    #: the on-disk kind (app.index_ondisk): its shard files, searched by fan-out; index_file is then the
+    #: generation's tombstone list (deleted ids), a new file at every commit
+    shards: list[str] = field(default_factory=list)
 
 
 class VectorIndex:
@@ -67,15 +85,26 @@ class VectorIndex:
             self._ivf.nprobe = nprobe
 
     @classmethod
-    def create(cls, dim: int, kind: str, training: np.ndarray | None = None, *, nprobe: int = 32) -> VectorIndex:
-        """An empty index of ``kind``; IVF kinds are trained on ``training`` (a sample of the vectors)."""
+    def create(
+        cls,
+        dim: int,
+        kind: str,
+        training: np.ndarray | None = None,
+        *,
+        nprobe: int = 32,
+        count: int | None = None,
+    ) -> VectorIndex:
+        """An empty index of ``kind``; IVF kinds are trained on ``training`` (a sample of the vectors).
+
+        ``count`` is the catalog size the index is built for and sets the number of lists (default: the
+        sample size); lists are halved while the sample holds fewer than 39 points per list."""
         if kind == FLAT:
             return cls(dim)
         if kind != IVF_SQ8:
             raise ValueError(f"unknown index type {kind!r}")
         if training is None or len(training) == 0:
             raise ValueError("an IVF index needs training vectors")
-        nlist = nlist_for(len(training))
+        nlist = nlist_for(count if count is not None else len(training), len(training))
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFScalarQuantizer(
             quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
@@ -180,6 +209,10 @@ class VectorIndex:
         read-only indexes: pages are shared between processes and loaded on demand)."""
         manifest = read_manifest(directory)
         check_manifest(manifest, model=model, pretrained=pretrained)
+        if manifest.shards:  # memory-mapped shards searched by fan-out
+            from app.index_ondisk import OnDiskIndex
+
+            return OnDiskIndex.from_manifest(directory, manifest, nprobe=nprobe), manifest
         path = str(directory / manifest.index_file)
         try:
             index = _read_index(path, mmap)

@@ -132,3 +132,17 @@ def test_ivf_sq8_index_finds_the_exact_neighbours_and_supports_removal(tmp_path:
     loaded, _ = VectorIndex.load(tmp_path, model="m", pretrained="", nprobe=10_000, mmap=True)
     assert manifest.index_type == IVF_SQ8 and loaded.kind == IVF_SQ8 and loaded.ntotal == 4900
     np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])
+
+
+def test_ivf_lists_follow_the_catalog_size_not_the_training_sample() -> None:
+    from app.index import IVF_SQ8, nlist_for, training_size_for
+
+    assert nlist_for(1_000_000) == 4096 and nlist_for(100_000) == 1024 and nlist_for(10) == 16
+    # The sample trains enough points per list for FAISS (>= 39) and stays bounded for k-means time.
+    assert 39 * 4096 <= training_size_for(4096) <= 200_000
+    assert training_size_for(256) == 256 * 256
+    assert nlist_for(1_000_000, training_size_for(4096)) == 4096
+    assert nlist_for(1_000_000, 80_000) == 2048  # a short sample: fewer lists, each with >= 39 points
+    sample = _unit(np.random.default_rng(3), 5000, 4)
+    assert VectorIndex.create(4, IVF_SQ8, sample).description.startswith("IVF128,")
+    assert VectorIndex.create(4, IVF_SQ8, sample, count=100).description.startswith("IVF32,")
