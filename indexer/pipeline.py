@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from app.config import Settings
@@ -19,11 +20,11 @@ from app.dupes import ImageHashes
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
-from app.index import FLAT, VectorIndex, choose_kind, nlist_for, training_size_for
+from app.index import FLAT, VectorIndex, choose_kind
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
-from indexer.walk import FileInfo, is_under, scan
+from indexer.walk import FileInfo, ScanResult, is_under, scan
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ class IndexSummary:
 
 
 @dataclass
-class _Prepared:
-    """A file after the worker has read it: decoded pixels, a content to reuse, or a failure."""
+class Prepared:
+    """A file after a worker has read it: decoded pixels, a content to reuse, or a failure."""
 
     info: FileInfo
     sha256: str | None = None
@@ -88,6 +89,104 @@ class _Prepared:
     #: an already indexed file that only lacks its perceptual hashes (catalogs from before they existed)
     hash_only: bool = False
     hashes: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What preparing a file needs besides its bytes: the same for the local and the Ray engines."""
+
+    max_pixels: int
+    draft_size: int
+    preprocess: Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    """The diff of a listing against the store: what to process, and what the store knew before."""
+
+    todo: list[FileInfo]
+    states: dict[str, FileState]
+    #: paths in ``todo`` that are indexed and only lack their perceptual hashes
+    hash_only: set[str]
+    known_shas: set[str]
+
+
+def prepare_bytes(
+    info: FileInfo, data: bytes, options: PrepareOptions, known_shas: Container[str] = (), hash_only: bool = False
+) -> Prepared:
+    """Content hash, then (unless the content already has a vector) decode, perceptual hashes and the
+    model's preprocessing. Never raises for a bad file: the reason is in ``error``."""
+    sha = sha256_bytes(data)
+    if sha in known_shas and not hash_only:
+        return Prepared(info, sha256=sha, reusable=True)
+    try:
+        decoded = decode_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
+        hashes = asdict(ImageHashes.of(decoded.image))
+        if hash_only:
+            return Prepared(
+                info, sha256=sha, width=decoded.width, height=decoded.height, format=decoded.format,
+                hash_only=True, hashes=hashes,
+            )  # fmt: skip
+        pixels = options.preprocess(decoded.image)
+    except UnsupportedImage as exc:
+        return Prepared(info, sha256=sha, error=str(exc))
+    except Exception as exc:  # a decoder bug on one file must not stop the catalog
+        log.exception("unexpected error decoding %s", info.path)
+        return Prepared(info, sha256=sha, error=f"unexpected decode error: {exc.__class__.__name__}: {exc}")
+    return Prepared(
+        info,
+        sha256=sha,
+        pixels=pixels,
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        hashes=hashes,
+    )
+
+
+def prepare_file(
+    info: FileInfo,
+    read: Callable[[str], bytes],
+    options: PrepareOptions,
+    known_shas: Container[str] = (),
+    hash_only: bool = False,
+) -> Prepared:
+    """Read a file with ``read`` (a local open, an fsspec filesystem) and prepare it (see prepare_bytes)."""
+    try:
+        data = read(info.path)
+    except OSError as exc:
+        return Prepared(info, error=f"cannot read file: {exc.strerror or exc}")
+    return prepare_bytes(info, data, options, known_shas, hash_only)
+
+
+def read_local(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def embed_batch(encoder: Encoder, batch: list[Prepared]) -> np.ndarray:
+    """The model's vectors for prepared files with pixels, one row each, in order."""
+    if not batch:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return encoder.encode_pixels(torch.stack([item.pixels for item in batch]))  # type: ignore[misc]
+
+
+def embedded_results(batch: list[Prepared], vectors: np.ndarray) -> list[ImageResult]:
+    """Store rows for prepared files and the vectors the model gave them."""
+    return [
+        ImageResult(
+            path=item.info.path,
+            size=item.info.size,
+            mtime=item.info.mtime,
+            sha256=item.sha256,
+            status=ImageStatus.INDEXED,
+            width=item.width,
+            height=item.height,
+            format=item.format,
+            vector=vector,
+            hashes=item.hashes,
+        )
+        for item, vector in zip(batch, vectors, strict=True)
+    ]
 
 
 BatchCallback = Callable[[int], None]
@@ -119,6 +218,20 @@ class Indexer:
         started = time.perf_counter()
         summary = IndexSummary()
         found = scan(list(roots), exclude=[self.settings.data_dir])
+        plan = self.plan(found, summary, retry_failed=retry_failed)
+        touched: set[int] = set()
+        self._process(plan, summary, touched, on_batch_committed)
+        self.finish(found, plan, summary, touched, rebuild=rebuild)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    @property
+    def prepare_options(self) -> PrepareOptions:
+        return PrepareOptions(self.settings.max_image_pixels, self.draft_size, self.encoder.preprocess)
+
+    def plan(self, found: ScanResult, summary: IndexSummary, *, retry_failed: bool = False) -> Plan:
+        """Diff a listing against the store before anything is read: unchanged files (same size and
+        mtime, indexed with this model, or failed unless ``retry_failed``) are counted and left out."""
         summary.unreadable = found.unreadable
         states = self.store.file_states()
         todo: list[FileInfo] = []
@@ -135,16 +248,35 @@ class Indexer:
             else:
                 todo.append(info)
         log.info("%d files found, %d to process", len(found.files), len(todo))
+        return Plan(todo, states, hash_only, self.store.embedded_shas(self.model_key))
 
-        touched: set[int] = set()
-        known_shas = self.store.embedded_shas(self.model_key)
-        self._process(todo, states, known_shas, hash_only, summary, touched, on_batch_committed)
+    def commit(
+        self,
+        embedded: list[Prepared],
+        vectors: np.ndarray,
+        others: list[Prepared],
+        plan: Plan,
+        summary: IndexSummary,
+        touched: set[int],
+    ) -> None:
+        """Save one batch in one transaction: embedded files with their vectors, the rest (reused
+        contents, failures, hash back-fills) as _finish resolves them; then count them."""
+        results = embedded_results(embedded, vectors) + self._finish(others)
+        ids = self.store.save_results(results, self.model_key)
+        touched.update(ids.values())
+        for item in embedded + others:
+            self._count(item, plan.states, summary)
 
+    def finish(
+        self, found: ScanResult, plan: Plan, summary: IndexSummary, touched: set[int], *, rebuild: bool = False
+    ) -> None:
+        """After every batch is committed: files gone from the listing leave the store, tags are brought
+        up to date, and the saved index takes the changes."""
         seen = {f.path for f in found.files}
         skipped_roots = [folder for folder, _ in found.unreadable]
         gone = [
             state.id
-            for path, state in states.items()
+            for path, state in plan.states.items()
             if state.status != ImageStatus.DELETED
             and path not in seen
             and is_under(path, found.roots)
@@ -159,8 +291,6 @@ class Indexer:
         summary.tag_seconds = time.perf_counter() - tag_started
 
         summary.index_count, summary.index_rebuilt = self._update_index(touched, rebuild)
-        summary.seconds = time.perf_counter() - started
-        return summary
 
     def tag(self, *, everything: bool = False) -> int:
         """Tags and flags for the indexed images that lack them or have stale ones (``everything``: all),
@@ -184,73 +314,32 @@ class Indexer:
 
     # --- the decode pool and batched encode -----------------------------------------------------
 
-    def _prepare(self, info: FileInfo, known_shas: set[str], hash_only: bool = False) -> _Prepared:
-        try:
-            data = Path(info.path).read_bytes()
-        except OSError as exc:
-            return _Prepared(info, error=f"cannot read file: {exc.strerror or exc}")
-        sha = sha256_bytes(data)
-        if sha in known_shas and not hash_only:
-            return _Prepared(info, sha256=sha, reusable=True)
-        try:
-            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
-            hashes = asdict(ImageHashes.of(decoded.image))
-            if hash_only:
-                return _Prepared(
-                    info, sha256=sha, width=decoded.width, height=decoded.height, format=decoded.format,
-                    hash_only=True, hashes=hashes,
-                )  # fmt: skip
-            pixels = self.encoder.preprocess_image(decoded.image)
-        except UnsupportedImage as exc:
-            return _Prepared(info, sha256=sha, error=str(exc))
-        except Exception as exc:  # a decoder bug on one file must not stop the catalog
-            log.exception("unexpected error decoding %s", info.path)
-            return _Prepared(info, sha256=sha, error=f"unexpected decode error: {exc.__class__.__name__}: {exc}")
-        return _Prepared(
-            info,
-            sha256=sha,
-            pixels=pixels,
-            width=decoded.width,
-            height=decoded.height,
-            format=decoded.format,
-            hashes=hashes,
-        )
+    def _prepare(self, info: FileInfo, known_shas: set[str], hash_only: bool = False) -> Prepared:
+        return prepare_file(info, read_local, self.prepare_options, known_shas, hash_only)
 
-    def _prepared_stream(self, todo: list[FileInfo], known_shas: set[str], hash_only: set[str]) -> Iterator[_Prepared]:
+    def _prepared_stream(self, plan: Plan) -> Iterator[Prepared]:
         """Decode on a thread pool, in order, with a bounded number of files in flight."""
         window = max(2 * self.settings.batch_size, 4 * self.settings.decode_workers)
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
-            pending: deque[Future[_Prepared]] = deque()
-            files = iter(todo)
-            for info in files:
-                pending.append(pool.submit(self._prepare, info, known_shas, info.path in hash_only))
+            pending: deque[Future[Prepared]] = deque()
+            for info in plan.todo:
+                pending.append(pool.submit(self._prepare, info, plan.known_shas, info.path in plan.hash_only))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
     def _process(
-        self,
-        todo: list[FileInfo],
-        states: dict[str, FileState],
-        known_shas: set[str],
-        hash_only: set[str],
-        summary: IndexSummary,
-        touched: set[int],
-        on_batch_committed: BatchCallback | None,
+        self, plan: Plan, summary: IndexSummary, touched: set[int], on_batch_committed: BatchCallback | None
     ) -> None:
-        batch: list[_Prepared] = []
-        others: list[_Prepared] = []
+        batch: list[Prepared] = []
+        others: list[Prepared] = []
         batches_done = 0
-        bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(plan.todo), unit="img", desc="indexing", disable=not self.progress, dynamic_ncols=True)
 
         def flush() -> None:
             nonlocal batches_done
-            results = self._embed(batch) + self._finish(others)
-            ids = self.store.save_results(results, self.model_key)
-            touched.update(ids.values())
-            for item in batch + others:
-                self._count(item, states, summary)
+            self.commit(batch, embed_batch(self.encoder, batch), others, plan, summary, touched)
             bar.update(len(batch) + len(others))
             batch.clear()
             others.clear()
@@ -259,7 +348,7 @@ class Indexer:
                 on_batch_committed(batches_done)
 
         try:
-            for item in self._prepared_stream(todo, known_shas, hash_only):
+            for item in self._prepared_stream(plan):
                 (batch if item.pixels is not None else others).append(item)
                 if len(batch) >= self.settings.batch_size or len(others) >= 4 * self.settings.batch_size:
                     flush()
@@ -268,27 +357,7 @@ class Indexer:
         finally:
             bar.close()
 
-    def _embed(self, batch: list[_Prepared]) -> list[ImageResult]:
-        if not batch:
-            return []
-        vectors = self.encoder.encode_pixels(torch.stack([item.pixels for item in batch]))  # type: ignore[misc]
-        return [
-            ImageResult(
-                path=item.info.path,
-                size=item.info.size,
-                mtime=item.info.mtime,
-                sha256=item.sha256,
-                status=ImageStatus.INDEXED,
-                width=item.width,
-                height=item.height,
-                format=item.format,
-                vector=vector,
-                hashes=item.hashes,
-            )
-            for item, vector in zip(batch, vectors, strict=True)
-        ]
-
-    def _finish(self, items: list[_Prepared]) -> list[ImageResult]:
+    def _finish(self, items: list[Prepared]) -> list[ImageResult]:
         """Results for files that need no model call: reused contents and failures."""
         reusable = self.store.reusable_by_sha([i.sha256 for i in items if i.reusable and i.sha256], self.model_key)
         results = []
@@ -341,7 +410,7 @@ class Indexer:
         return results
 
     @staticmethod
-    def _count(item: _Prepared, states: dict[str, FileState], summary: IndexSummary) -> None:
+    def _count(item: Prepared, states: dict[str, FileState], summary: IndexSummary) -> None:
         if item.hash_only:
             summary.hashed += item.hashes is not None
             summary.unchanged += 1
@@ -398,13 +467,13 @@ class Indexer:
     def _build_from_store(self, kind: str, expected: int) -> VectorIndex:
         training = None
         if kind != FLAT:
-            training = self._training_sample(expected, training_size_for(nlist_for(expected)))
-        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe, count=expected)
+            training = self._training_sample(expected)
+        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe)
         for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
             index.add(chunk_ids, vectors)
         return index
 
-    def _training_sample(self, expected: int, size: int) -> np.ndarray:
+    def _training_sample(self, expected: int, size: int = 100_000) -> np.ndarray:
         """A uniform random sample of the stored vectors (fixed seed) to train IVF centroids on."""
         rng = np.random.default_rng(0)
         keep = min(1.0, size / max(expected, 1))
