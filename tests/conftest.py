@@ -3,14 +3,18 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from app.config import Settings
 from app.encoder import Encoder
+from app.search import SearchService
 from app.store import Store
+from indexer.pipeline import Indexer
 from tests.helpers import DATA, INSTRUMENT_MODEL, copy_photos, save_local_dir_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -66,6 +70,69 @@ def instrument_model_dir() -> Path:
     if not (INSTRUMENT_MODEL / "open_clip_config.json").exists():
         pytest.skip(f"the trained instrument model is missing at {INSTRUMENT_MODEL}")
     return INSTRUMENT_MODEL
+
+
+@dataclass(frozen=True)
+class TrainedCatalog:
+    """Caltech-101 indexed once with the trained model, through the product path (see ``trained_caltech``).
+
+    ``settings``: the Settings it was indexed with (tmp data dir, trained model, default index settings: flat).
+    ``data_dir``: that data dir (store + index). ``root``: the photo folder that was indexed.
+    Open things on it with ``open_store()`` / ``open_service()`` (close the store, or ``service.store``, when done),
+    and read the whole catalog with ``vectors()``. Treat it as read-only: other tests share it.
+    """
+
+    settings: Settings
+    data_dir: Path
+    root: Path
+    encoder: Encoder
+
+    def open_store(self) -> Store:
+        return Store(self.settings.effective_database_url)
+
+    def open_service(self) -> SearchService:
+        """A SearchService with the index loaded (shares the session's encoder: no second model load)."""
+        service = SearchService(self.settings, self.encoder, self.open_store())
+        service.load_index()
+        return service
+
+    def relative(self, path: str | Path) -> str:
+        """A stored (absolute) path as a path under ``root``, e.g. 'Leopards/image_0001.jpg'."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """Every indexed image: (ids, unit vectors (N, dim) float32, relative paths, class folder of each)."""
+        store = self.open_store()
+        try:
+            chunks = list(store.iter_vectors(self.encoder.spec.name))
+            ids = np.concatenate([c[0] for c in chunks])
+            vectors = np.concatenate([c[1] for c in chunks])
+            records = store.get_many([int(i) for i in ids])
+        finally:
+            store.close()
+        paths = [self.relative(records[int(i)].path) for i in ids]
+        return ids, vectors, paths, [p.split("/", 1)[0] for p in paths]
+
+
+@pytest.fixture(scope="session")
+def trained_caltech(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path, instrument_encoder: Encoder
+) -> TrainedCatalog:
+    """``../shared/data/caltech101`` (3,345 photos in 101 class folders) indexed ONCE per test session with the
+    trained model ``local-dir:../shared/models/clipsearch-tiny-64``, by ``Indexer(...).run([root])`` with default
+    index settings (a flat, exact index). Takes about a minute; every test that needs it shares it."""
+    root = shared_data / "caltech101"
+    if not root.is_dir():
+        pytest.skip(f"the Caltech-101 catalog is missing at {root}")
+    data_dir = tmp_path_factory.mktemp("trained-caltech") / "data"
+    settings = Settings(data_dir=data_dir, model=instrument_encoder.spec.name, device="cpu")
+    encoder = instrument_encoder
+    store = Store(settings.effective_database_url)
+    try:
+        Indexer(settings, store, encoder, progress=False).run([root])
+    finally:
+        store.close()
+    return TrainedCatalog(settings=settings, data_dir=data_dir, root=root, encoder=encoder)
 
 
 @pytest.fixture
