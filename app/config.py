@@ -124,6 +124,10 @@ class Settings(BaseSettings):
         le=1000,
         description="Images shortlisted by ORB descriptor votes (0: none; the server then prepares no feature index).",
     )
+    dupe_feature_cache: bool = Field(
+        default=True,
+        description="Store prepared local features under data_dir/dupes at index time; the server maps them.",
+    )
     dupe_cache_size: int = Field(
         default=1024, ge=0, description="Catalog images whose prepared features the server keeps in memory."
     )

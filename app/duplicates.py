@@ -17,6 +17,7 @@ shots and re-shoots of a scene verify as 'similar' and join nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -24,7 +25,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -47,6 +49,15 @@ from app.dupes import (
     lookup,
     prepare_catalog_image,
     prepare_query,
+)
+from app.dupes.cache import (
+    CacheError,
+    FeatureStore,
+    features_path,
+    merge_features,
+    read_shortlist,
+    shortlist_path,
+    write_shortlist,
 )
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady, UnsupportedImage
 from app.imaging import decode_image
@@ -246,28 +257,214 @@ def _strongest_first(matches: Iterable[Match]) -> list[Match]:
     return sorted(matches, key=lambda m: (m.evidence.sort_key(), -m.id), reverse=True)
 
 
-class FeatureShortlist:
-    """The ORB-vote index of the catalog, brought up to date in a background thread; searches never wait for it.
+def catalog_records(store: Store) -> dict[int, ImageRecord]:
+    """Every indexed image that has hashes (the catalog a look-up searches), by id."""
+    ids = [image_id for image_id, _ in store.iter_hashes()]
+    records: dict[int, ImageRecord] = {}
+    for start in range(0, len(ids), 500):
+        records.update(store.get_many(ids[start : start + 500]))
+    return {i: r for i, r in records.items() if r.status == ImageStatus.INDEXED}
 
-    The first build prepares every catalog image (decode + ORB, ~30-70 ms each, one thread) and keeps ~16 KB of
-    descriptors per image. Later catalogs (another index was swapped in) only prepare their new or changed images;
-    when the catalog has grown REBUILD_GROWTH times since the build, the index is built again for its new size.
+
+def content_key(record: ImageRecord) -> str:
+    """What the feature cache knows an image by: its content (a file without a sha256, by path and stat)."""
+    return record.sha256 or f"nosha:{record.path}:{record.size}:{record.mtime}"
+
+
+@dataclass
+class FeatureSync:
+    """The feature cache and shortlist after ``sync_features``, and what it took."""
+
+    features: FeatureStore
+    index: FeatureIndex
+    #: id -> content key of what the index holds
+    keys: dict[int, str]
+    built_size: int
+    #: images prepared (decoded, ORB) by this sync; cached images dropped because they left the catalog
+    prepared: int = 0
+    dropped: int = 0
+    written: bool = False
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"local features: {len(self.features)} images cached, {self.prepared} prepared, {self.dropped} dropped "
+            f"in {self.seconds:.1f}s"
+        )
+
+
+def _load_features(path: Path) -> FeatureStore:
+    try:
+        return FeatureStore.load(path)
+    except FileNotFoundError:
+        return FeatureStore.empty()
+    except (CacheError, OSError) as exc:
+        log.warning("the local-feature cache cannot be used, preparing the catalog again: %s", exc)
+        return FeatureStore.empty()
+
+
+def _load_shortlist(path: Path) -> tuple[FeatureIndex, dict[int, str], int] | None:
+    try:
+        return read_shortlist(path)
+    except FileNotFoundError:
+        return None
+    except (CacheError, OSError) as exc:
+        log.warning("the shortlist cache cannot be used, building it again: %s", exc)
+        return None
+
+
+def sync_features(
+    store: Store,
+    data_dir: Path | None,
+    prepare: Callable[[ImageRecord], PreparedImage | None],
+    *,
+    current: FeatureSync | None = None,
+    run: Callable[[Callable[[ImageRecord], PreparedImage | None], list[ImageRecord]], Iterable[Any]] | None = None,
+    guard: Any = None,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    rebuild_growth: int = 4,
+) -> FeatureSync:
+    """Bring the feature cache and the ORB-vote shortlist up to date with the catalog in ``store``.
+
+    Starts from ``current`` (a server's previous sync) or from the files under ``data_dir/dupes``; prepares only
+    the images whose content is not cached (``prepare``, mapped over them by ``run``: in order, one thread by
+    default), drops those that left the catalog, and writes both files back when anything changed (atomically;
+    a read-only data dir keeps them in memory with a warning). ``data_dir`` None: memory only. ``guard`` (a
+    lock) is held while the index changes, for a server that searches it meanwhile.
+    """
+    started = time.perf_counter()
+    guard = guard if guard is not None else contextlib.nullcontext()
+    run = run or (lambda work, items: map(work, items))
+    features_file = features_path(data_dir) if data_dir is not None else None
+    shortlist_file = shortlist_path(data_dir) if data_dir is not None else None
+    records = catalog_records(store)
+    wanted = {image_id: content_key(record) for image_id, record in records.items()}
+
+    features = current.features if current is not None else None
+    if features is None:
+        features = _load_features(features_file) if features_file is not None else FeatureStore.empty()
+    todo: dict[str, ImageRecord] = {}
+    for image_id, key in wanted.items():
+        if key not in features and key not in todo:
+            todo[key] = records[image_id]
+    if todo:
+        level = logging.WARNING if current is None and len(features) else logging.INFO
+        log.log(level, "local features: %d of %d catalog images are not cached, preparing them", len(todo),
+                len(set(wanted.values())))  # fmt: skip
+    new: dict[str, PreparedImage] = {}
+    failed: set[str] = set()
+    for done, (key, prepared) in enumerate(zip(todo, run(prepare, list(todo.values())), strict=False), 1):
+        if prepared is not None:
+            new[key] = prepared
+        else:
+            failed.add(key)
+        if progress is not None:
+            progress("local features", done, len(todo))
+        if stop is not None and stop.is_set():
+            break
+    keep = [key for key in features.shas() if key in set(wanted.values())]
+    dropped = len(features) - len(keep)
+    written = False
+    if new or dropped:
+        try:
+            features = merge_features(features_file, features, keep, new)
+            written = features_file is not None
+        except OSError as exc:
+            log.warning("could not write the local-feature cache %s (%s): keeping it in memory", features_file, exc)
+            features = merge_features(None, features, keep, new)
+
+    held = {image_id: key for image_id, key in wanted.items() if key in features}
+    loaded = (current.index, current.keys, current.built_size) if current is not None else None
+    if loaded is None and shortlist_file is not None:
+        loaded = _load_shortlist(shortlist_file)
+    changed = False
+    if loaded is None or len(held) > rebuild_growth * max(loaded[2], 64):
+        ids = list(held)
+        index = FeatureIndex.build_from_descriptors(ids, [_descriptors(features, held[i]) for i in ids])
+        keys, built_size, changed = dict(held), len(ids), True
+    else:
+        index, keys, built_size = loaded[0], dict(loaded[1]), loaded[2]
+        gone = [image_id for image_id, key in keys.items() if held.get(image_id) != key]
+        fresh = [image_id for image_id, key in held.items() if keys.get(image_id) != key]
+        if gone or fresh:
+            with guard:
+                index.remove(gone)
+                index.add_descriptors(fresh, [_descriptors(features, held[i]) for i in fresh])
+            for image_id in gone:
+                keys.pop(image_id, None)
+            keys.update({image_id: held[image_id] for image_id in fresh})
+            changed = True
+    if changed and shortlist_file is not None:
+        try:
+            write_shortlist(shortlist_file, index, keys, built_size)
+            written = True
+        except OSError as exc:
+            log.warning("could not write the shortlist cache %s (%s): keeping it in memory", shortlist_file, exc)
+    return FeatureSync(features, index, keys, built_size, len(new), dropped, written, time.perf_counter() - started)
+
+
+def _descriptors(features: FeatureStore, key: str) -> np.ndarray:
+    codes = features.descriptors(key)
+    return codes if codes is not None else np.zeros((0, 32), dtype=np.uint8)
+
+
+def update_feature_cache(settings: Settings, store: Store, *, progress: Progress | None = None) -> FeatureSync:
+    """What ``clipsearch index`` runs after the index is saved: prepare the local features of the new and changed
+    images (on ``decode_workers`` threads) and store them with the shortlist under ``data_dir/dupes``."""
+    max_pixels = settings.max_image_pixels
+
+    def prepare(record: ImageRecord) -> PreparedImage | None:
+        try:
+            with open(record.path, "rb") as handle:
+                image = decode_image(handle.read(), max_pixels=max_pixels).image
+            return prepare_catalog_image(image)
+        except (OSError, ClipSearchError) as exc:
+            log.info("no local features for %s: %s", record.path, exc)
+            return None
+
+    workers = max(1, settings.decode_workers)
+    with ThreadPoolExecutor(workers, thread_name_prefix="features", initializer=_single_threaded_faiss) as pool:
+
+        def run(work: Callable[[ImageRecord], PreparedImage | None], items: list[ImageRecord]) -> Iterator[Any]:
+            # In order, with a bounded number in flight: ~70 KB of features each until they are written.
+            pending: list[Future[PreparedImage | None]] = []
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= 4 * workers:
+                    yield pending.pop(0).result()
+            for future in pending:
+                yield future.result()
+
+        return sync_features(store, settings.data_dir, prepare, run=run, progress=progress)
+
+
+class FeatureShortlist:
+    """The ORB-vote index of the catalog and the cache of prepared catalog images, kept up to date in a
+    background thread; searches never wait for it.
+
+    At start it maps the files that ``clipsearch index`` wrote (data_dir/dupes) and only prepares the images they
+    lack (decode + ORB, ~30-70 ms each, one thread), then writes them back so that the next start need not.
+    Later catalogs (another index was swapped in) are handled the same way.
     """
 
     REBUILD_GROWTH = 4
 
-    def __init__(self, store: Store, prepare: Callable[[ImageRecord], PreparedImage | None]) -> None:
+    def __init__(
+        self, store: Store, prepare: Callable[[ImageRecord], PreparedImage | None], data_dir: Path | None = None
+    ) -> None:
         self.store = store
+        self.data_dir = data_dir
         self._prepare = prepare
-        self._index: FeatureIndex | None = None
-        self._built_size = 0
-        self._indexed: dict[int, tuple[int, str]] = {}  # id -> PreparedCache.key of what is indexed
+        self._sync: FeatureSync | None = None
         self._lock = threading.Lock()  # guards the index: FAISS indexes are not safe to change while searched
         self._state = threading.Condition()
         self._wanted: object | None = None
         self._done: object | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: images prepared by this server because the cache lacked them (0 when the indexer stored them all)
+        self.prepared_here = 0
 
     def request(self, generation: object) -> None:
         """Catch up with the catalog of this generation (the served manifest) in the background."""
@@ -284,9 +481,22 @@ class FeatureShortlist:
         with self._state:
             return self._state.wait_for(lambda: self._done is self._wanted, timeout)
 
+    @property
+    def ready(self) -> bool:
+        with self._state:
+            return self._wanted is not None and self._done is self._wanted
+
     def search(self, query: PreparedImage, k: int) -> list[FeatureHit]:
+        sync = self._sync
+        if sync is None:
+            return []
         with self._lock:
-            return self._index.search(query, k) if self._index is not None else []
+            return sync.index.search(query, k)
+
+    def cached(self, record: ImageRecord) -> PreparedImage | None:
+        """The prepared features of a catalog image from the feature cache, if it holds them."""
+        sync = self._sync
+        return sync.features.get(content_key(record)) if sync is not None else None
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -295,7 +505,8 @@ class FeatureShortlist:
             thread.join(timeout)
 
     def __len__(self) -> int:
-        return len(self._indexed)
+        sync = self._sync
+        return len(sync.keys) if sync is not None else 0
 
     def _run(self) -> None:
         _single_threaded_faiss()
@@ -314,50 +525,18 @@ class FeatureShortlist:
                     return
 
     def _catch_up(self) -> None:
-        ids = [image_id for image_id, _ in self.store.iter_hashes()]
-        records: dict[int, ImageRecord] = {}
-        for start in range(0, len(ids), 500):
-            records.update(self.store.get_many(ids[start : start + 500]))
-        keys = {image_id: PreparedCache.key(record) for image_id, record in records.items()}
-        if self._index is None or len(keys) > self.REBUILD_GROWTH * max(self._built_size, 64):
-            self._build(records, keys)
-            return
-        gone = [image_id for image_id, key in self._indexed.items() if keys.get(image_id) != key]
-        with self._lock:
-            self._index.remove(gone)
-        for image_id in gone:
-            del self._indexed[image_id]
-        for image_id, record in records.items():
-            if self._stop.is_set():
-                return
-            if image_id in self._indexed:
-                continue
-            prepared = self._prepare(record)
-            if prepared is not None:
-                with self._lock:
-                    self._index.add([image_id], [prepared])
-                self._indexed[image_id] = keys[image_id]
-
-    def _build(self, records: dict[int, ImageRecord], keys: dict[int, tuple[int, str]]) -> None:
-        started = time.perf_counter()
-        ids: list[int] = []
-        light: list[PreparedImage] = []
-        for image_id, record in records.items():
-            if self._stop.is_set():
-                return
-            prepared = self._prepare(record)
-            if prepared is not None:
-                ids.append(image_id)
-                light.append(replace(prepared, thumb=_NO_THUMB, mirrored=None))  # only descriptors are indexed
-        index = FeatureIndex.build(ids, light)
-        with self._lock:
-            self._index = index
-        self._indexed = {image_id: keys[image_id] for image_id in ids}
-        self._built_size = len(ids)
-        log.info("local-feature index: %d images in %.1fs", len(ids), time.perf_counter() - started)
-
-
-_NO_THUMB = np.zeros((1, 1), dtype=np.uint8)
+        sync = sync_features(
+            self.store,
+            self.data_dir,
+            self._prepare,
+            current=self._sync,
+            guard=self._lock,
+            stop=self._stop,
+            rebuild_growth=self.REBUILD_GROWTH,
+        )
+        self._sync = sync
+        self.prepared_here += sync.prepared
+        log.info("local-feature index: %s", sync.line())
 
 
 # --- the service ---------------------------------------------------------------------------------
@@ -381,11 +560,13 @@ class DupeService:
         self._hash_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        self.features = FeatureShortlist(self.store, self._prepare_uncached)
+        data_dir = settings.data_dir if settings.dupe_feature_cache else None
+        self.features = FeatureShortlist(self.store, self._prepare_uncached, data_dir)
 
     def start(self) -> None:
         """Begin preparing the local-feature index of the catalog being served (when there is one)."""
-        if self.settings.dupe_feature_candidates and self.search.manifest is not None:
+        wanted = self.settings.dupe_feature_candidates or self.settings.dupe_feature_cache
+        if wanted and self.search.manifest is not None:
             self.features.request(self.search.manifest)
 
     def close(self) -> None:
@@ -430,8 +611,9 @@ class DupeService:
 
     def prepare_record(self, record: ImageRecord) -> PreparedImage | None:
         """The catalog-side features of an image, from the cache or its file; None when the file cannot be read."""
-        cached = self.prepared.get(record)
+        cached = self.prepared.get(record) or self.features.cached(record)
         if cached is not None:
+            self.prepared.put(record, cached)
             return cached
         try:
             image = self._decode_file(record.path)
@@ -525,8 +707,9 @@ class DupeService:
         others: list[int] = []
         neighbours = self.hash_index().range_search(query.hashes, settings.dupe_hash_radius)
         others += [n.id for n in neighbours if n.id not in exclude][: settings.dupe_hash_candidates]
-        if settings.dupe_feature_candidates:
+        if settings.dupe_feature_candidates or settings.dupe_feature_cache:
             self.features.request(self.search.manifest)
+        if settings.dupe_feature_candidates:
             hits = self.features.search(query, settings.dupe_feature_candidates + len(exclude))
             others += [h.id for h in hits if h.id not in exclude][: settings.dupe_feature_candidates]
         for image_id in others:

@@ -61,8 +61,9 @@ class FeatureIndex:
 
     def __init__(
         self,
-        centroids: np.ndarray,
+        centroids: np.ndarray | None,
         *,
+        index: faiss.IndexBinaryIVF | None = None,
         per_image: int = PER_IMAGE,
         per_query: int = PER_QUERY,
         vote_bits: int = VOTE_BITS,
@@ -78,10 +79,14 @@ class FeatureIndex:
         self._nprobe = nprobe
         self.per_query = per_query
         self.vote_bits = vote_bits
-        self._quantizer = faiss.IndexBinaryFlat(_BITS)
-        self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.uint8))
-        self._index = faiss.IndexBinaryIVF(self._quantizer, _BITS, len(centroids))
-        self._index.is_trained = True
+        if index is None:
+            if centroids is None:
+                raise ValueError("a FeatureIndex needs centroids or a deserialised index")
+            self._quantizer = faiss.IndexBinaryFlat(_BITS)
+            self._quantizer.add(np.ascontiguousarray(centroids, dtype=np.uint8))
+            index = faiss.IndexBinaryIVF(self._quantizer, _BITS, len(centroids))
+            index.is_trained = True
+        self._index = index
         self._ids: set[int] = set()
 
     @classmethod
@@ -95,7 +100,21 @@ class FeatureIndex:
         **options: int,
     ) -> FeatureIndex:
         """An index sized for these images, holding them."""
-        codes = [p.features.descriptors[:per_image] for p in prepared]
+        codes = [p.features.descriptors for p in prepared]
+        return cls.build_from_descriptors(ids, codes, per_image=per_image, seed=seed, **options)
+
+    @classmethod
+    def build_from_descriptors(
+        cls,
+        ids: Sequence[int],
+        codes: Sequence[np.ndarray],
+        *,
+        per_image: int = PER_IMAGE,
+        seed: int = 0,
+        **options: int,
+    ) -> FeatureIndex:
+        """``build`` from each image's descriptors (strongest first), as a feature cache holds them."""
+        codes = [c[:per_image] for c in codes]
         total = sum(len(c) for c in codes)
         rng = np.random.default_rng(seed)
         if total:
@@ -104,9 +123,25 @@ class FeatureIndex:
             centroids = pool[np.sort(picks)]
         else:  # an empty catalog: random centroids until real descriptors arrive
             centroids = rng.integers(0, 256, size=(64, DESCRIPTOR_BYTES), dtype=np.uint8)
-        index = cls(centroids, per_image=per_image, **options)
-        index.add(ids, prepared)
+        index = cls(centroids, per_image=per_image, **options)  # type: ignore[arg-type]  # options are ints
+        index.add_descriptors(ids, codes)
         return index
+
+    def serialize(self) -> np.ndarray:
+        """The FAISS index as bytes (uint8 array), for ``deserialize``; the ids held go alongside."""
+        return np.asarray(faiss.serialize_index_binary(self._index), dtype=np.uint8)
+
+    @classmethod
+    def deserialize(cls, data: np.ndarray, ids: Sequence[int], **options: int) -> FeatureIndex:
+        """The index ``serialize`` gave, holding the descriptors of ``ids`` (what was added to it)."""
+        index = faiss.deserialize_index_binary(np.ascontiguousarray(data, dtype=np.uint8))
+        if not isinstance(index, faiss.IndexBinaryIVF):
+            index = faiss.downcast_IndexBinary(index)
+        if not isinstance(index, faiss.IndexBinaryIVF) or index.d != _BITS:
+            raise RuntimeError("not a binary IVF index of ORB descriptors")
+        restored = cls(None, index=index, **options)
+        restored._ids = {int(i) for i in ids}
+        return restored
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -118,10 +153,16 @@ class FeatureIndex:
         """Index the strongest ``per_image`` descriptors of each image (replacing those of a known id)."""
         if len(ids) != len(prepared):
             raise ValueError(f"{len(ids)} ids but {len(prepared)} prepared images")
+        self.add_descriptors(ids, [item.features.descriptors for item in prepared])
+
+    def add_descriptors(self, ids: Sequence[int], codes: Sequence[np.ndarray]) -> None:
+        """``add`` from each image's descriptors (strongest first)."""
+        if len(ids) != len(codes):
+            raise ValueError(f"{len(ids)} ids but {len(codes)} descriptor sets")
         self.remove([i for i in ids if int(i) in self._ids])
         chunks, owners = [], []
-        for image_id, item in zip(ids, prepared, strict=True):
-            descriptors = item.features.descriptors[: self.per_image]
+        for image_id, descriptors in zip(ids, codes, strict=True):
+            descriptors = np.asarray(descriptors[: self.per_image], dtype=np.uint8)
             chunks.append(descriptors)
             owners.append(np.full(len(descriptors), int(image_id), dtype=np.int64))
             self._ids.add(int(image_id))
