@@ -98,6 +98,10 @@ def index(paths: tuple[Path, ...], rebuild: bool, retry_failed: bool, strict: bo
         sys.exit(EXIT_INTERRUPTED)
     for line in summary.lines():
         click.echo(line)
+    if settings.dupe_feature_cache:  # what the near-duplicate look-up needs of the new images, stored once
+        from app.duplicates import update_feature_cache
+
+        click.echo(update_feature_cache(settings, store).line())
     if strict and summary.failed:
         sys.exit(EXIT_FAILURES)
 
