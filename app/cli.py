@@ -73,26 +73,57 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
 @settings_options
 @click.option("--rebuild", is_flag=True, help="Rebuild the index from the store (no re-embedding).")
 @click.option("--retry-failed", is_flag=True, help="Try again files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: a Ray Data job (PATHS may then be fsspec URLs such as s3://bucket/prefix).",
+)
+@click.option("--ray-address", help="Address of a running Ray cluster (default: start a local Ray).")
+@click.option("--ray-workers", type=click.IntRange(1), help="Embedding actors (default: one per GPU, else 1).")
 @handle_errors
-def index(paths: tuple[Path, ...], rebuild: bool, retry_failed: bool, strict: bool, quiet: bool, **opts: Any) -> None:
+def index(
+    paths: tuple[str, ...],
+    rebuild: bool,
+    retry_failed: bool,
+    strict: bool,
+    quiet: bool,
+    engine: str,
+    ray_address: str | None,
+    ray_workers: int | None,
+    **opts: Any,
+) -> None:
     """Index (or update the index of) the images under PATHS."""
     from app.encoder import Encoder
     from app.store import Store
     from indexer import Indexer
 
+    if engine == "local" and any("://" in p for p in paths):
+        raise click.UsageError("URLs need --engine ray (the local engine indexes folders on this machine)")
+    if engine == "local" and (ray_address or ray_workers):
+        raise click.UsageError("--ray-address and --ray-workers go with --engine ray")
     settings = _settings(opts)
     store = Store(settings.effective_database_url)
     encoder = Encoder.from_settings(settings)
     progress = not quiet and sys.stderr.isatty()
-    indexer = Indexer(settings, store, encoder, progress=progress)
     try:
-        summary = indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed)
+        if engine == "ray":
+            from indexer.ray_engine import RayIndexer
+
+            ray_indexer = RayIndexer(
+                settings, store, encoder, address=ray_address, workers=ray_workers, progress=progress
+            )
+            summary = ray_indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed)
+        else:
+            indexer = Indexer(settings, store, encoder, progress=progress)
+            summary = indexer.run([Path(p) for p in paths], rebuild=rebuild, retry_failed=retry_failed)
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are saved; run the same command again to finish.", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,405 @@
+"""The indexer as a Ray Data job: the same plan, prepare, embed and commit as ``indexer.pipeline``, spread
+over a Ray cluster (a local one started with ``ray.init()``, or an existing one by address).
+
+    list (local folders, fsspec URLs) -> diff against the store (nothing read yet)
+    -> partitions of the files to do, each keyed by a hash of its files (path, size, mtime) and the model
+    -> CPU tasks: read, content hash, decode, perceptual hashes, preprocess (pipeline.prepare_file)
+    -> an actor pool: the model, loaded once per actor, embeds each partition (pipeline.embed_batch)
+    -> the driver writes one shard per partition (tmp + rename), then commits it to the store
+       (Indexer.commit) and deletes it -> Indexer.finish (removed files, tags, the vector index).
+
+A killed job leaves committed partitions in the store and written shards on disk: the next run skips the
+former (unchanged files) and loads the latter without computing them; only the rest is processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from app.config import Settings
+from app.encoder import Encoder
+from app.errors import ClipSearchError
+from app.store import HASH_FIELDS, Store
+from indexer.pipeline import Indexer, IndexSummary, Plan, Prepared, PrepareOptions, embed_batch, prepare_file
+from indexer.sources import is_process_local, list_sources, read_bytes
+from indexer.walk import FileInfo
+
+log = logging.getLogger(__name__)
+
+SHARD_FOLDER = "ray-shards"
+SHARD_VERSION = 1
+#: Files per partition: the unit of work, of resumption and of one store transaction. 128 preprocessed
+#: images of a 224 px model are ~77 MB in the object store.
+DEFAULT_PARTITION_SIZE = 128
+
+PartitionCallback = Callable[[int], None]
+
+
+@dataclass
+class RayIndexSummary(IndexSummary):
+    partitions: int = 0
+    #: partitions loaded from shards an earlier, interrupted run had written
+    partitions_from_shards: int = 0
+    partitions_computed: int = 0
+    embed_workers: int = 0
+
+    def lines(self, max_failures: int = 5) -> list[str]:
+        lines = super().lines(max_failures)
+        lines.insert(
+            2,
+            f"ray: {self.partitions} partitions ({self.partitions_computed} computed, "
+            f"{self.partitions_from_shards} from saved shards) on {self.embed_workers} embedding worker(s)",
+        )
+        return lines
+
+
+@dataclass(frozen=True)
+class Partition:
+    id: str
+    files: tuple[FileInfo, ...]
+    hash_only: frozenset[str] = field(default_factory=frozenset)
+
+
+def make_partitions(plan: Plan, model_key: str, size: int) -> list[Partition]:
+    """Cut the sorted files to do into partitions of ``size``. A partition's id hashes its files and the model,
+    so a shard is only ever reused for exactly the files (and versions of them) it was computed from. Whole
+    partitions leave the to-do list when committed, so a re-run cuts what is left at the same places."""
+    todo = sorted(plan.todo, key=lambda f: f.path)
+    partitions = []
+    for start in range(0, len(todo), size):
+        files = tuple(todo[start : start + size])
+        digest = hashlib.sha256(f"{SHARD_VERSION}\n{model_key}\n".encode())
+        for info in files:
+            digest.update(f"{info.path}\0{info.size}\0{info.mtime!r}\0{info.path in plan.hash_only}\n".encode())
+        hash_only = frozenset(f.path for f in files if f.path in plan.hash_only)
+        partitions.append(Partition(digest.hexdigest()[:32], files, hash_only))
+    return partitions
+
+
+# --- the two Ray stages (module level: workers import them by name) ----------------------------------------
+
+
+def prepare_partitions(
+    batch: dict[str, np.ndarray], options: PrepareOptions, known_shas: set[str]
+) -> dict[str, np.ndarray]:
+    """CPU task: read and prepare every file of each partition (the local indexer's prepare_file)."""
+    out_ids, out_payloads = [], []
+    for partition_id, payload in zip(batch["partition"], batch["payload"], strict=True):
+        files, hash_only, inline = pickle.loads(payload)
+        items = []
+        for info in files:
+            data = inline.get(info.path)
+            read = read_bytes if data is None else (lambda _path, data=data: data)
+            items.append(prepare_file(info, read, options, known_shas, info.path in hash_only))
+        out_ids.append(partition_id)
+        out_payloads.append(_pack_prepared(items))
+    return {"partition": np.array(out_ids), "payload": np.array(out_payloads, dtype=object)}
+
+
+class EmbedPartitions:
+    """Actor: loads the model once, then embeds the prepared files of each partition it is given and returns
+    the partition's shard (as bytes: the driver writes it, so workers need no shared filesystem)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.encoder = Encoder.from_settings(settings)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out_ids, out_shards = [], []
+        for partition_id, payload in zip(batch["partition"], batch["payload"], strict=True):
+            items = _unpack_prepared(payload)
+            with_pixels = [item for item in items if item.pixels is not None]
+            vectors = np.zeros((len(with_pixels), self.encoder.dim), dtype=np.float32)
+            size = self.settings.batch_size
+            for start in range(0, len(with_pixels), size):
+                vectors[start : start + size] = embed_batch(self.encoder, with_pixels[start : start + size])
+            out_ids.append(partition_id)
+            out_shards.append(shard_bytes(str(partition_id), self.encoder.spec.name, items, vectors))
+        return {"partition": np.array(out_ids), "shard": np.array(out_shards, dtype=object)}
+
+
+def _pack_prepared(items: list[Prepared]) -> bytes:
+    """Prepared files with their pixels as one float32 array, for the object store."""
+    pixels = [item.pixels.numpy() for item in items if item.pixels is not None]
+    bare = [Prepared(**{**item.__dict__, "pixels": None}) for item in items]
+    flags = [item.pixels is not None for item in items]
+    stacked = np.stack(pixels) if pixels else np.zeros((0,), dtype=np.float32)
+    return pickle.dumps((bare, flags, stacked), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack_prepared(payload: bytes) -> list[Prepared]:
+    bare, flags, stacked = pickle.loads(payload)
+    rows = iter(stacked)
+    for item, has_pixels in zip(bare, flags, strict=True):
+        if has_pixels:
+            item.pixels = torch.from_numpy(np.array(next(rows)))
+    return list(bare)
+
+
+# --- shards -----------------------------------------------------------------------------------------------
+
+
+def shard_bytes(partition_id: str, model_key: str, items: list[Prepared], vectors: np.ndarray) -> bytes:
+    """One partition's outcome as an .npz: per file its path, size, mtime, content and perceptual hashes,
+    image facts, what happened (embedded, reused, hash back-fill, failed with a reason) and its vector."""
+    count = len(items)
+    has_vector = np.array([item.pixels is not None for item in items], dtype=bool)
+    all_vectors = np.full((count, vectors.shape[1] if vectors.ndim == 2 else 0), np.nan, dtype=np.float32)
+    all_vectors[has_vector] = vectors
+    hashes = np.zeros((count, len(HASH_FIELDS)), dtype=np.uint64)
+    has_hashes = np.zeros(count, dtype=bool)
+    for row, item in enumerate(items):
+        if item.hashes is not None:
+            hashes[row] = [item.hashes[key] for key in HASH_FIELDS]
+            has_hashes[row] = True
+    meta = {"version": SHARD_VERSION, "partition": partition_id, "model": model_key}
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        meta=np.array(json.dumps(meta)),
+        path=np.array([item.info.path for item in items], dtype=str),
+        size=np.array([item.info.size for item in items], dtype=np.int64),
+        mtime=np.array([item.info.mtime for item in items], dtype=np.float64),
+        sha256=np.array([item.sha256 or "" for item in items], dtype=str),
+        width=np.array([-1 if item.width is None else item.width for item in items], dtype=np.int64),
+        height=np.array([-1 if item.height is None else item.height for item in items], dtype=np.int64),
+        format=np.array([item.format or "" for item in items], dtype=str),
+        error=np.array([item.error or "" for item in items], dtype=str),
+        has_error=np.array([item.error is not None for item in items], dtype=bool),
+        reusable=np.array([item.reusable for item in items], dtype=bool),
+        hash_only=np.array([item.hash_only for item in items], dtype=bool),
+        hashes=hashes,
+        has_hashes=has_hashes,
+        has_vector=has_vector,
+        vectors=all_vectors,
+    )
+    return buffer.getvalue()
+
+
+@dataclass
+class Shard:
+    partition: str
+    model: str
+    embedded: list[Prepared]
+    vectors: np.ndarray
+    others: list[Prepared]
+
+
+def read_shard(path: Path) -> Shard:
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        embedded, others = [], []
+        for row in range(len(data["path"])):
+            item = Prepared(
+                FileInfo(str(data["path"][row]), int(data["size"][row]), float(data["mtime"][row])),
+                sha256=str(data["sha256"][row]) or None,
+                width=None if data["width"][row] < 0 else int(data["width"][row]),
+                height=None if data["height"][row] < 0 else int(data["height"][row]),
+                format=str(data["format"][row]) or None,
+                error=str(data["error"][row]) if data["has_error"][row] else None,
+                reusable=bool(data["reusable"][row]),
+                hash_only=bool(data["hash_only"][row]),
+                hashes=(
+                    {key: int(value) for key, value in zip(HASH_FIELDS, data["hashes"][row], strict=True)}
+                    if data["has_hashes"][row]
+                    else None
+                ),
+            )
+            (embedded if data["has_vector"][row] else others).append(item)
+        vectors = np.ascontiguousarray(data["vectors"][data["has_vector"]], dtype=np.float32)
+    return Shard(meta["partition"], meta["model"], embedded, vectors, others)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# --- the driver -------------------------------------------------------------------------------------------
+
+
+def local_ray_options(num_cpus: int | None = None, object_store_mb: int | None = None) -> dict[str, Any]:
+    """ray.init arguments for a single-machine Ray: no dashboard, quiet logs."""
+    options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if num_cpus is not None:
+        options["num_cpus"] = num_cpus
+    if object_store_mb is not None:
+        options["object_store_memory"] = object_store_mb * 1024 * 1024
+    return options
+
+
+class RayIndexer:
+    """Brings the store and the index in line with the files under some folders or URLs, as a Ray Data job.
+
+    ``address``: a running cluster (``ray://host:10001``, ``host:6379`` or ``auto``); None starts a local Ray
+    unless one is already initialised in this process. ``workers``: embedding actors (default: one per GPU
+    of the cluster, else 1)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        encoder: Encoder,
+        *,
+        address: str | None = None,
+        workers: int | None = None,
+        partition_size: int = DEFAULT_PARTITION_SIZE,
+        progress: bool = True,
+        embedder: type[EmbedPartitions] = EmbedPartitions,
+        ray_options: dict[str, Any] | None = None,
+    ) -> None:
+        if partition_size < 1:
+            raise ClipSearchError("the partition size must be at least 1 file")
+        self.settings = settings
+        self.indexer = Indexer(settings, store, encoder, progress=progress)
+        self.address = address
+        self.workers = workers
+        self.partition_size = partition_size
+        self.progress = progress
+        self.embedder = embedder
+        self.ray_options = ray_options or {}
+        self.shard_dir = settings.data_dir / SHARD_FOLDER
+
+    def run(
+        self,
+        roots: Iterable[str | Path],
+        *,
+        rebuild: bool = False,
+        retry_failed: bool = False,
+        on_partition_committed: PartitionCallback | None = None,
+    ) -> RayIndexSummary:
+        started = time.perf_counter()
+        summary = RayIndexSummary()
+        found = list_sources(list(roots), exclude=[self.settings.data_dir])
+        plan = self.indexer.plan(found, summary, retry_failed=retry_failed)
+        partitions = make_partitions(plan, self.indexer.model_key, self.partition_size)
+        summary.partitions = len(partitions)
+        saved = [p for p in partitions if self._shard_path(p.id).exists()]
+        missing = [p for p in partitions if not self._shard_path(p.id).exists()]
+        touched: set[int] = set()
+        committed = 0
+        bar = tqdm(total=len(plan.todo), unit="img", desc="indexing (ray)", disable=not self.progress)
+        try:
+            for partition in saved:
+                self._commit_shard(partition, plan, summary, touched)
+                summary.partitions_from_shards += 1
+                bar.update(len(partition.files))
+                committed += 1
+                if on_partition_committed is not None:
+                    on_partition_committed(committed)
+            if missing:
+                by_id = {p.id: p for p in missing}
+                for partition_id, data in self._computed_shards(missing, plan, summary):
+                    partition = by_id[partition_id]
+                    write_atomically(self._shard_path(partition_id), data)
+                    self._commit_shard(partition, plan, summary, touched)
+                    summary.partitions_computed += 1
+                    bar.update(len(partition.files))
+                    committed += 1
+                    if on_partition_committed is not None:
+                        on_partition_committed(committed)
+        finally:
+            bar.close()
+        self._remove_stale_shards()
+        self.indexer.finish(found, plan, summary, touched, rebuild=rebuild)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _shard_path(self, partition_id: str) -> Path:
+        return self.shard_dir / f"{partition_id}.npz"
+
+    def _commit_shard(self, partition: Partition, plan: Plan, summary: IndexSummary, touched: set[int]) -> None:
+        """Load a partition's shard into the store in one transaction, then delete it."""
+        path = self._shard_path(partition.id)
+        shard = read_shard(path)
+        if shard.model != self.indexer.model_key or shard.partition != partition.id:
+            raise ClipSearchError(f"shard {path} is not of this partition and model: delete it and run again")
+        self.indexer.commit(shard.embedded, shard.vectors, shard.others, plan, summary, touched)
+        path.unlink(missing_ok=True)
+
+    def _remove_stale_shards(self) -> None:
+        """Shards left from files that changed since they were computed: their partitions no longer exist."""
+        if self.shard_dir.is_dir():
+            for leftover in self.shard_dir.glob("*.npz"):
+                leftover.unlink(missing_ok=True)
+
+    def _computed_shards(
+        self, partitions: list[Partition], plan: Plan, summary: RayIndexSummary
+    ) -> Iterator[tuple[str, bytes]]:
+        """Run the Ray Data job over ``partitions``; yield (partition id, shard bytes) as each finishes."""
+        import ray
+
+        owns_ray = not ray.is_initialized()
+        if owns_ray:
+            options = {} if self.address else local_ray_options()
+            ray.init(address=self.address, **{**options, **self.ray_options})
+        try:
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = self.progress
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            workers = self.workers or max(1, gpus)
+            summary.embed_workers = workers
+            rows = [{"partition": p.id, "payload": self._partition_payload(p)} for p in partitions]
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+            dataset = dataset.map_batches(
+                prepare_partitions,
+                batch_size=1,
+                batch_format="numpy",
+                fn_kwargs={"options": self.indexer.prepare_options, "known_shas": plan.known_shas},
+                num_cpus=1,
+                # A task holds one partition's preprocessed pixels (float32) and its source bytes. The request
+                # also keeps Ray Data from fusing these tasks into the actors (their resources differ): decoding
+                # then runs in parallel with the model instead of before it in the same process.
+                memory=self._partition_memory(),
+            )
+            dataset = dataset.map_batches(
+                self.embedder,
+                batch_size=1,
+                batch_format="numpy",
+                fn_constructor_kwargs={"settings": self.settings},
+                # Ray Data restarts a dead actor and retries its partition (max_restarts=-1 by default).
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_gpus=1 if gpus else 0,
+                num_cpus=0 if gpus else 1,
+            )
+            log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
+            for row in dataset.iter_rows():
+                yield str(row["partition"]), bytes(row["shard"])
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    def _partition_memory(self) -> int:
+        side = self.indexer.encoder.image_size
+        return max(64 << 20, 2 * self.partition_size * 3 * side * side * 4)
+
+    @staticmethod
+    def _partition_payload(partition: Partition) -> bytes:
+        """The partition's files; those of a process-local filesystem (memory://) travel with their bytes."""
+        inline = {}
+        for info in partition.files:
+            if is_process_local(info.path):
+                # On failure the worker's own read fails too, and records the reason.
+                with contextlib.suppress(OSError):
+                    inline[info.path] = read_bytes(info.path)
+        return pickle.dumps((list(partition.files), set(partition.hash_only), inline))

@@ -1,0 +1,230 @@
+"""`clipsearch index --engine ray`: the indexer as a Ray Data job on a local 2-CPU Ray, against the local indexer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from app.config import Settings
+from app.encoder import Encoder
+from app.search import SearchService
+from app.store import ImageStatus, Store
+from indexer import Indexer
+from indexer.ray_engine import EmbedPartitions, RayIndexer, RayIndexSummary, local_ray_options
+from tests.helpers import copy_photos
+
+PHOTOS = 24
+PARTITION = 8
+BROKEN = b"this is not an image"
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole module (it takes seconds to start), as small as CI needs."""
+    ray.init(**local_ray_options(num_cpus=2, object_store_mb=200), log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    folder = tmp_path_factory.mktemp("ray-catalog") / "photos"
+    copy_photos(folder, PHOTOS)
+    (folder / "broken.jpg").write_bytes(BROKEN)
+    return folder
+
+
+def _settings(data_dir: Path, model_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, model=f"local-dir:{model_dir}", device="cpu", batch_size=8, decode_workers=2)
+
+
+@dataclass
+class Catalog:
+    settings: Settings
+    store: Store
+
+    def vectors(self, model: str) -> dict[str, np.ndarray]:
+        out = {}
+        for ids, vectors in self.store.iter_vectors(model):
+            records = self.store.get_many([int(i) for i in ids])
+            for image_id, vector in zip(ids, vectors, strict=True):
+                out[records[int(image_id)].path] = vector
+        return out
+
+    def rows(self) -> dict[str, tuple[str, str | None]]:
+        return {path: (state.status, state.sha256) for path, state in self.store.file_states().items()}
+
+
+@pytest.fixture(scope="module")
+def local_catalog(
+    tmp_path_factory: pytest.TempPathFactory, catalog_dir: Path, instrument_model_dir: Path, instrument_encoder: Encoder
+) -> Iterator[Catalog]:
+    settings = _settings(tmp_path_factory.mktemp("local-data"), instrument_model_dir)
+    store = Store(settings.effective_database_url)
+    Indexer(settings, store, instrument_encoder, progress=False).run([catalog_dir])
+    yield Catalog(settings, store)
+    store.close()
+
+
+def _ray_indexer(catalog: Catalog, encoder: Encoder, **kwargs: object) -> RayIndexer:
+    return RayIndexer(catalog.settings, catalog.store, encoder, partition_size=PARTITION, progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, instrument_model_dir: Path) -> Iterator[Catalog]:
+    settings = _settings(tmp_path / "data", instrument_model_dir)
+    store = Store(settings.effective_database_url)
+    yield Catalog(settings, store)
+    store.close()
+
+
+def _assert_same_vectors(ray_vectors: dict[str, np.ndarray], local_vectors: dict[str, np.ndarray]) -> None:
+    assert ray_vectors.keys() == local_vectors.keys()
+    cosines = [float(ray_vectors[p] @ local_vectors[p]) for p in local_vectors]
+    assert min(cosines) >= 0.9999, f"lowest cosine {min(cosines):.6f}"
+
+
+def test_ray_job_gives_the_local_vectors_results_and_failures_and_a_rerun_does_nothing(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_encoder: Encoder
+) -> None:
+    summary = _ray_indexer(fresh, instrument_encoder).run([catalog_dir])
+    assert (summary.added, summary.embedded, summary.failed) == (PHOTOS, PHOTOS, 1)
+    assert summary.partitions == summary.partitions_computed == 4  # 25 files in partitions of 8
+    assert summary.index_count == PHOTOS
+    broken = str(catalog_dir / "broken.jpg")
+    assert summary.failures == [(broken, "not a recognised image format (is it really an image?)")]
+    assert fresh.store.failures() == local_catalog.store.failures()
+
+    model = instrument_encoder.spec.name
+    _assert_same_vectors(fresh.vectors(model), local_catalog.vectors(model))
+    assert fresh.rows() == local_catalog.rows()  # same paths, statuses and content hashes
+
+    ray_service = SearchService(fresh.settings, instrument_encoder, fresh.store)
+    local_service = SearchService(local_catalog.settings, instrument_encoder, local_catalog.store)
+    ray_service.load_index()
+    local_service.load_index()
+    for query in ("a photo of a dog", "a plate of food", "a street with cars"):
+        assert [h.path for h in ray_service.search_text(query, 10)] == [
+            h.path for h in local_service.search_text(query, 10)
+        ]
+    query_image = catalog_dir / "photo_003.jpg"
+    assert [h.path for h in ray_service.search_image_file(query_image, 10)] == [
+        h.path for h in local_service.search_image_file(query_image, 10)
+    ]
+
+    again = _ray_indexer(fresh, instrument_encoder).run([catalog_dir])
+    assert (again.partitions, again.embedded, again.added, again.unchanged) == (0, 0, 0, PHOTOS + 1)
+    assert not list((fresh.settings.data_dir / "ray-shards").glob("*.npz"))
+
+
+def crash_once(marker: Path) -> type[EmbedPartitions]:
+    """An embedder whose worker process dies on its first partition, once across restarts (the marker file
+    remembers). A local class: Ray ships it to the workers by value."""
+
+    class CrashOnceEmbedder(EmbedPartitions):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if not marker.exists():
+                marker.write_text("crashed")
+                os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnceEmbedder
+
+
+def test_a_killed_embedding_worker_is_restarted_and_nothing_is_lost(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_encoder: Encoder,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    marker = tmp_path / "crashed"
+    summary = _ray_indexer(fresh, instrument_encoder, embedder=crash_once(marker)).run([catalog_dir])
+    assert marker.read_text() == "crashed"  # the worker did die
+    assert (summary.embedded, summary.failed, summary.partitions_computed) == (PHOTOS, 1, 4)
+    model = instrument_encoder.spec.name
+    _assert_same_vectors(fresh.vectors(model), local_catalog.vectors(model))
+    assert fresh.store.counts()[ImageStatus.INDEXED.value] == PHOTOS
+
+
+def test_an_interrupted_job_resumes_with_only_the_missing_partitions(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_encoder: Encoder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Killed after one partition was committed and a second one's shard was written: the re-run loads that shard
+    without computing it, computes the other two, and leaves one row per file."""
+    real_commit = RayIndexer._commit_shard
+    calls = []
+
+    def commit_then_die(self: RayIndexer, *args: object, **kwargs: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # after the shard is on disk, before the store has it
+        real_commit(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RayIndexer, "_commit_shard", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _ray_indexer(fresh, instrument_encoder).run([catalog_dir])
+    monkeypatch.setattr(RayIndexer, "_commit_shard", real_commit)
+    assert len(list((fresh.settings.data_dir / "ray-shards").glob("*.npz"))) == 1
+    assert len(fresh.store.file_states()) == PARTITION  # the first partition only
+
+    resumed: RayIndexSummary = _ray_indexer(fresh, instrument_encoder).run([catalog_dir])
+    assert (resumed.partitions, resumed.partitions_from_shards, resumed.partitions_computed) == (3, 1, 2)
+    assert resumed.unchanged == PARTITION
+    assert resumed.embedded + resumed.failed == PHOTOS + 1 - PARTITION
+    rows = fresh.store.file_states()
+    assert len(rows) == PHOTOS + 1 and rows.keys() == local_catalog.store.file_states().keys()
+    _assert_same_vectors(
+        fresh.vectors(instrument_encoder.spec.name), local_catalog.vectors(instrument_encoder.spec.name)
+    )
+    assert resumed.index_count == PHOTOS
+
+
+def test_an_fsspec_memory_filesystem_is_a_source(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_encoder: Encoder
+) -> None:
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    names = ["photo_000.jpg", "photo_001.jpg", "photo_002.jpg", "broken.jpg"]
+    for name in names:
+        memory.pipe(f"/ray-test/album/{name}", (catalog_dir / name).read_bytes())
+    memory.pipe("/ray-test/album/.hidden/photo_009.jpg", (catalog_dir / "photo_009.jpg").read_bytes())
+    memory.pipe("/ray-test/album/notes.txt", b"not listed")
+    try:
+        summary = _ray_indexer(fresh, instrument_encoder).run(["memory://ray-test/album"])
+    finally:
+        memory.rm("/ray-test", recursive=True)
+    assert (summary.added, summary.embedded, summary.failed) == (3, 3, 1)
+    assert summary.failures[0][0] == "memory:///ray-test/album/broken.jpg"
+    got = fresh.vectors(instrument_encoder.spec.name)
+    local = local_catalog.vectors(instrument_encoder.spec.name)
+    expected = {f"memory:///ray-test/album/{n}": local[str(catalog_dir / n)] for n in names[:3]}
+    _assert_same_vectors(got, expected)
+
+
+def test_the_index_command_runs_the_ray_engine(
+    ray_session: None, fresh: Catalog, catalog_dir: Path, instrument_model_dir: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import main
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name in ("photo_004.jpg", "photo_005.jpg", "broken.jpg"):
+        (folder / name).write_bytes((catalog_dir / name).read_bytes())
+    args = ["--data-dir", str(fresh.settings.data_dir), "--model", f"local-dir:{instrument_model_dir}", "--quiet"]
+    result = CliRunner().invoke(main, ["index", "--engine", "ray", str(folder), *args])
+    assert result.exit_code == 0, result.output
+    assert "added 2, updated 0, unchanged 0, reused 0, removed 0, failed 1" in result.output
+    assert "ray: 1 partitions (1 computed, 0 from saved shards)" in result.output
+
+    refused = CliRunner().invoke(main, ["index", "memory://photos", *args])
+    assert refused.exit_code == 2 and "URLs need --engine ray" in refused.output
