@@ -26,6 +26,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
+from app.cutoff import CutoffChoice, QueryKind, relevance_cutoff
 from app.encoder import Encoder, ModelSpec
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image, model_draft_size
@@ -44,6 +45,8 @@ MAX_TAG_FILTERS = 16
 MAX_TAG_CHARS = 300
 DEFAULT_FACETS = 20
 MAX_FACETS = 100
+#: catalog vectors scored per query to estimate the background of the automatic cut-off (see app/cutoff.py)
+CUTOFF_SAMPLE_SIZE = 2000
 
 SortOrder = Literal["relevance", "date"]
 
@@ -70,6 +73,8 @@ class Hit:
     score: float
     width: int | None
     height: int | None
+    #: passed the relevance cut-off (always True when the query asked for none)
+    relevant: bool = True
 
 
 # --- query terms ---------------------------------------------------------------------------------
@@ -215,8 +220,14 @@ class SearchOptions:
     safe: bool = False
     #: how many tag facets (tag -> hits carrying it) to count over the hits; 0: none
     facets: int = DEFAULT_FACETS
+    #: which hits are marked relevant: "auto" (per-query rule of app/cutoff.py), a score, or None (all)
+    cutoff: CutoffChoice = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.cutoff, float | int) and not -1.0 <= self.cutoff <= 1.0:
+            raise BadQuery(f"a cutoff score must be between -1 and 1 (cosine similarity), got {self.cutoff}")
+        if isinstance(self.cutoff, str) and self.cutoff != "auto":
+            raise BadQuery(f"cutoff must be 'auto', 'none' or a score between -1 and 1, got {self.cutoff!r}")
         if not 1 <= self.k <= MAX_K:
             raise BadQuery(f"k must be between 1 and {MAX_K}, got {self.k}")
         if len(self.tags) > MAX_TAG_FILTERS:
@@ -246,6 +257,10 @@ class SearchPage:
     search_seconds: float
     #: (tag, hits carrying it) over all the hits (not only this page), most frequent first
     facets: list[tuple[str, int]] = field(default_factory=list)
+    #: the score from which hits count as relevant (None: no cut-off asked for, or nothing to cut)
+    cutoff: float | None = None
+    #: how many of the ``total`` hits pass the cut-off
+    relevant_total: int | None = None
 
 
 @dataclass(frozen=True)
@@ -385,6 +400,8 @@ class SearchService:
         self.text_cache = _LRU(settings.text_cache_size)
         self.records = _RecordCache(store)
         self.labels = _LabelCache(store, settings.index_check_seconds)
+        self._background: tuple[VectorIndex, np.ndarray] | None = None
+        self._background_lock = threading.Lock()
 
     # --- index lifecycle -------------------------------------------------------------------------
 
@@ -594,7 +611,9 @@ class SearchService:
             vectors.append(self.indexed_vector(image_id))
             weights.append(1.0)
             exclude.add(image_id)
-        return self._page(combine(vectors, weights), options or SearchOptions(), exclude, started, encode_seconds)
+        kind: QueryKind = "image" if image_id is not None else "text"
+        vector = combine(vectors, weights)
+        return self._page(vector, options or SearchOptions(), exclude, started, encode_seconds, kind)
 
     def query_image_bytes(self, data: bytes, *, options: SearchOptions | None = None) -> SearchPage:
         """Images like an uploaded picture; the bytes are decoded in memory and never stored."""
@@ -605,16 +624,22 @@ class SearchService:
         encode_started = time.perf_counter()
         vector = self.embed_image_bytes(data, max_pixels=max_pixels)
         encode_seconds = time.perf_counter() - encode_started
-        return self._page(vector, options or SearchOptions(), set(), started, encode_seconds)
+        return self._page(vector, options or SearchOptions(), set(), started, encode_seconds, "image")
 
     def similar_page(self, image_id: int, *, options: SearchOptions | None = None) -> SearchPage:
         started = time.perf_counter()
         self.maybe_refresh()
         vector = self.indexed_vector(image_id)
-        return self._page(vector, options or SearchOptions(), {image_id}, started, 0.0)
+        return self._page(vector, options or SearchOptions(), {image_id}, started, 0.0, "image")
 
     def _page(
-        self, vector: np.ndarray, options: SearchOptions, exclude: set[int], started: float, encode_seconds: float
+        self,
+        vector: np.ndarray,
+        options: SearchOptions,
+        exclude: set[int],
+        started: float,
+        encode_seconds: float,
+        kind: QueryKind = "text",
     ) -> SearchPage:
         search_started = time.perf_counter()
         index = self._require_index()
@@ -625,6 +650,7 @@ class SearchService:
         ]
         candidates.sort(key=lambda c: (-c[1], c[0]))  # ties (copies of one photo) in a stable order
         candidates = candidates[:depth]
+        threshold = self._cutoff_score(vector, candidates, options.cutoff, kind)
         if options.min_score is not None:
             candidates = [c for c in candidates if c[1] >= options.min_score]
         labels: dict[int, ImageLabels] = {}
@@ -637,13 +663,16 @@ class SearchService:
             ranked = rank(candidates, self.records.get_many([i for i, _ in candidates]), options)
             total, page = len(ranked), ranked[options.offset : end]
             hit_ids = [i for i, _, _ in ranked]
+            scores_kept = [s for _, s, _ in ranked]
         else:
             # No metadata needed to count: read the rows of this page only.
             total, window = len(candidates), candidates[options.offset : end]
             page = rank(window, self.records.get_many([i for i, _ in window]), options)
             hit_ids = [i for i, _ in candidates]
+            scores_kept = [s for _, s in candidates]
         facets = count_facets((labels[i] for i in hit_ids), options.facets) if options.facets else []
-        hits = [Hit(id=i, path=r.path, score=s, width=r.width, height=r.height) for i, s, r in page]
+        hits = [Hit(i, r.path, s, r.width, r.height, relevant=threshold is None or s >= threshold) for i, s, r in page]
+        relevant_total = total if threshold is None else sum(1 for s in scores_kept if s >= threshold)
         now = time.perf_counter()
         return SearchPage(
             hits=hits,
@@ -654,7 +683,50 @@ class SearchService:
             encode_seconds=encode_seconds,
             search_seconds=now - search_started,
             facets=facets,
+            cutoff=threshold,
+            relevant_total=relevant_total,
         )
+
+    # --- relevance cut-off -----------------------------------------------------------------------
+
+    def _cutoff_score(
+        self, vector: np.ndarray, candidates: Sequence[tuple[int, float]], choice: CutoffChoice, kind: QueryKind
+    ) -> float | None:
+        """The score from which hits are relevant: the asked-for number, or the per-query rule of app/cutoff.py
+        for "auto" (best = the top candidate before any filter; background = a sample of the catalog)."""
+        if choice is None:
+            return None
+        if choice != "auto":
+            return float(choice)
+        if not candidates:
+            return None
+        background = self.background_sample() @ vector
+        return relevance_cutoff(background, candidates[0][1], kind).score
+
+    def background_sample(self) -> np.ndarray:
+        """Up to CUTOFF_SAMPLE_SIZE catalog vectors, evenly spread over the store's ids, for the cut-off's
+        background. Works for any index kind (flat, IVF): read from the store once per loaded index, on first use."""
+        index = self._require_index()
+        cached = self._background
+        if cached is not None and cached[0] is index:
+            return cached[1]
+        with self._background_lock:
+            cached = self._background
+            if cached is not None and cached[0] is index:
+                return cached[1]
+            count = self.store.count_indexed(self.spec.name)
+            stride = max(1, math.ceil(count / CUTOFF_SAMPLE_SIZE))
+            chunks: list[np.ndarray] = []
+            seen = 0
+            for _, vectors in self.store.iter_vectors(self.spec.name):
+                positions = np.arange(seen, seen + len(vectors))
+                chunks.append(vectors[positions % stride == 0])
+                seen += len(vectors)
+            dim = self.encoder.dim
+            sample = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, dim), np.float32)
+            self._background = (index, sample)
+            log.info("cut-off background: %d of %d catalog vectors", len(sample), count)
+            return sample
 
     # --- tags ------------------------------------------------------------------------------------
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
-from fastapi import APIRouter, File, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
 
 from app.api.deps import MAX_ID, OptionsDep, ServiceDep, SettingsDep, read_upload
 from app.api.metrics import Metrics
 from app.api.schemas import SearchHit, SearchResponse, TagCount, error_responses
-from app.search import MAX_TERMS, SearchPage, SearchService
+from app.cutoff import CutoffChoice, parse_cutoff
+from app.search import MAX_TERMS, SearchOptions, SearchPage, SearchService
 
 router = APIRouter(tags=["search"])
 upload_router = APIRouter(tags=["search"])
@@ -34,6 +36,27 @@ depth, `CLIPSEARCH_SEARCH_MAX_CANDIDATES`, 1000 by default); `min_score` and the
 `tag=` keeps images carrying every listed tag, `safe=true` leaves out images with a safe-search flag, and
 `facets` counts the most frequent tags over all those hits (zero-shot tags computed at index time; see /tags).
 """
+
+
+CUTOFF_DESCRIPTION = """
+Which hits count as relevant (each hit says so in `relevant`; none is left out, so a UI can show the weaker ones
+apart): `auto` decides per query from its own scores over the catalog (best hit vs the typical unrelated image),
+`none` (the default) marks every hit relevant, a number (-1..1) is a fixed cosine score. The response's `cutoff`
+is the score used and `relevant_total` how many hits pass.
+"""
+
+
+def cutoff_option(
+    cutoff: Annotated[str | None, Query(max_length=32, description=CUTOFF_DESCRIPTION)] = None,
+) -> CutoffChoice:
+    return parse_cutoff(cutoff)
+
+
+CutoffDep = Annotated[CutoffChoice, Depends(cutoff_option)]
+
+
+def with_cutoff(options: SearchOptions, cutoff: CutoffChoice) -> SearchOptions:
+    return replace(options, cutoff=cutoff)
 
 
 def _thumbnail_size(request: Request) -> int:
@@ -62,10 +85,13 @@ def present(request: Request, service: SearchService, page: SearchPage, query: s
                 height=hit.height,
                 image_url=f"{root}/images/{hit.id}",
                 thumbnail_url=f"{root}/images/{hit.id}/thumbnail?size={size}",
+                relevant=hit.relevant,
             )
             for hit in page.hits
         ],
         facets=[TagCount(label=label, count=count) for label, count in page.facets],
+        cutoff=page.cutoff,
+        relevant_total=page.relevant_total,
     )
 
 
@@ -80,13 +106,14 @@ def search(
     request: Request,
     service: ServiceDep,
     options: OptionsDep,
+    cutoff: CutoffDep,
     q: Annotated[list[str] | None, Query(description=QUERY_SYNTAX)] = None,
     image_id: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="An indexed image to combine with the text (or alone).")
     ] = None,
 ) -> SearchResponse:
     terms = q or []
-    page = service.query(terms, image_id=image_id, options=options)
+    page = service.query(terms, image_id=image_id, options=with_cutoff(options, cutoff))
     query = " ".join(t.strip() for t in terms)
     if image_id is not None:
         query = f"{query} image:{image_id}".strip()
@@ -103,9 +130,10 @@ def similar(
     request: Request,
     service: ServiceDep,
     options: OptionsDep,
+    cutoff: CutoffDep,
     image_id: Annotated[int, Path(ge=1, le=MAX_ID)],
 ) -> SearchResponse:
-    page = service.similar_page(image_id, options=options)
+    page = service.similar_page(image_id, options=with_cutoff(options, cutoff))
     return present(request, service, page, f"similar:{image_id}", "image")
 
 
@@ -122,8 +150,9 @@ def search_by_image(
     service: ServiceDep,
     settings: SettingsDep,
     options: OptionsDep,
+    cutoff: CutoffDep,
     file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
 ) -> SearchResponse:
     data = read_upload(file, settings.max_upload_bytes)
-    page = service.query_image_bytes(data, options=options)
+    page = service.query_image_bytes(data, options=with_cutoff(options, cutoff))
     return present(request, service, page, f"upload:{file.filename or 'image'}", "image")

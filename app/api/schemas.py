@@ -15,6 +15,9 @@ class SearchHit(BaseModel):
     height: int | None = Field(description="Height in pixels, upright.")
     image_url: str = Field(description="The original file.")
     thumbnail_url: str = Field(description="A small upright JPEG/WebP of it.")
+    relevant: bool = Field(
+        default=True, description="Passed the relevance cut-off (see `cutoff`); always true with cutoff=none."
+    )
 
 
 class TagCount(BaseModel):
@@ -36,6 +39,14 @@ class SearchResponse(BaseModel):
     facets: list[TagCount] = Field(
         default_factory=list,
         description="The most frequent tags over all the hits (not only this page), most first; filter with tag=.",
+    )
+    cutoff: float | None = Field(
+        default=None,
+        description="The score from which hits are relevant: the one asked for, or the one cutoff=auto chose for "
+        "this query; null with cutoff=none.",
+    )
+    relevant_total: int | None = Field(
+        default=None, description="How many of the `total` hits pass the cut-off (the rest are less relevant)."
     )
 
 

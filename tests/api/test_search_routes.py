@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from tests.api.conftest import BASE_MTIME, DAY, Catalog
 
-HIT_KEYS = {"id", "path", "score", "width", "height", "image_url", "thumbnail_url"}
+HIT_KEYS = {"id", "path", "score", "width", "height", "image_url", "thumbnail_url", "relevant"}
 ALL = 200
 
 
@@ -34,7 +34,9 @@ def assert_error(response, status: int, *words: str) -> None:
 
 def test_search_returns_ranked_hits_with_links(client: TestClient, catalog: Catalog) -> None:
     body = search(client, q="a dog on a beach", k=5)
-    assert set(body) == {"query", "model", "took_ms", "total", "offset", "k", "hits", "facets"}
+    assert set(body) == {
+        *("query", "model", "took_ms", "total", "offset", "k", "hits", "facets", "cutoff", "relevant_total")
+    }
     assert body["query"] == "a dog on a beach"
     assert body["model"].startswith("local-dir:")
     assert body["total"] == len(catalog.files)
