@@ -79,6 +79,12 @@ def _single_threaded_faiss() -> None:
     faiss.omp_set_num_threads(1)
 
 
+def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = work(*args)
+    return result, time.perf_counter() - started
+
+
 def parse_verdict(value: str | Verdict) -> Verdict:
     try:
         return Verdict(value)
@@ -133,6 +139,9 @@ class DupeReport:
     #: catalog images verified
     candidates: int
     took_ms: float
+    #: seconds per stage: decode, prepare (query ORB + hashes), encode (CLIP), candidates, verify (on threads,
+    #: prepare and encode overlap); for the lookup metrics
+    stages: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -643,12 +652,18 @@ class DupeService:
     ) -> DupeReport:
         """Look up an uploaded picture (decoded in memory, never stored) in the catalog."""
         started = time.perf_counter()
+        floor = parse_verdict(min_verdict)
         self._require_ready()
         max_pixels = min(self.settings.max_image_pixels, self.settings.max_upload_pixels)
         image = decode_image(data, max_pixels=max_pixels).image
-        query = self.pool.submit(prepare_query, image)
+        stages = {"decode": time.perf_counter() - started}
+        # The query's ORB features on a worker thread while this one runs the CLIP model: the two overlap.
+        query = self.pool.submit(_timed, prepare_query, image)
+        encode_started = time.perf_counter()
         vector = np.asarray(self.search.encoder.encode_images([image])[0], dtype=np.float32)
-        return self._lookup(query.result(), vector, set(), parse_verdict(min_verdict), limit, started)
+        stages["encode"] = time.perf_counter() - encode_started
+        prepared, stages["prepare"] = query.result()
+        return self._lookup(prepared, vector, set(), floor, limit, started, stages)
 
     def duplicates_of(
         self, image_id: int, *, min_verdict: Verdict | str = Verdict.NEAR_DUPLICATE, limit: int = 20
@@ -668,8 +683,9 @@ class DupeService:
             raise NotFound(
                 f"the file of image {image_id} no longer decodes ({exc}): run 'clipsearch index' again"
             ) from exc
-        query = self.pool.submit(prepare_query, image).result()
-        return self._lookup(query, vector, {image_id}, parse_verdict(min_verdict), limit, started)
+        query, prepare_seconds = self.pool.submit(_timed, prepare_query, image).result()
+        stages = {"prepare": prepare_seconds}
+        return self._lookup(query, vector, {image_id}, parse_verdict(min_verdict), limit, started, stages)
 
     def _lookup(
         self,
@@ -679,13 +695,16 @@ class DupeService:
         min_verdict: Verdict,
         limit: int,
         started: float,
+        stages: dict[str, float],
     ) -> DupeReport:
         if not 1 <= limit <= MAX_MATCHES:
             raise BadQuery(f"limit must be between 1 and {MAX_MATCHES}, got {limit}")
         # On a worker thread: FAISS single-threaded (see _single_threaded_faiss).
-        cosines = self.pool.submit(self._candidates, query, vector, exclude).result()
+        cosines, stages["candidates"] = self.pool.submit(_timed, self._candidates, query, vector, exclude).result()
+        verify_started = time.perf_counter()
         records = {i: r for i, r in self.store.get_many(list(cosines)).items() if r.status == ImageStatus.INDEXED}
         matches = self._verify(query, [(records[i], cosines[i]) for i in cosines if i in records])
+        stages["verify"] = time.perf_counter() - verify_started
         ranked = _strongest_first(matches)
         verdict = ranked[0].verdict if ranked else Verdict.DIFFERENT
         kept = [m for m in ranked if m.verdict.at_least(min_verdict)][:limit]
@@ -694,6 +713,7 @@ class DupeService:
             matches=[self._present(m, records[m.id]) for m in kept],
             candidates=len(matches),
             took_ms=(time.perf_counter() - started) * 1000.0,
+            stages=stages,
         )
 
     def _candidates(self, query: PreparedImage, vector: np.ndarray, exclude: set[int]) -> dict[int, float | None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,6 +44,31 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.lookups = Counter(
+            "clipsearch_lookups",
+            "Near-duplicate look-ups (POST /lookup, /images/{id}/duplicates) by overall verdict.",
+            ["verdict"],
+            registry=self.registry,
+        )
+        self.lookup_stage_seconds = Histogram(
+            "clipsearch_lookup_stage_seconds",
+            "Time per look-up stage: decode, prepare (query ORB), encode (CLIP; overlaps prepare), candidates, "
+            "verify, total.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.lookup_candidates = Histogram(
+            "clipsearch_lookup_candidates",
+            "Catalog images verified per look-up.",
+            buckets=(0, 1, 5, 10, 20, 50, 100, 200),
+            registry=self.registry,
+        )
+        self.feature_images = Gauge(
+            "clipsearch_dupes_feature_images",
+            "Catalog images in the local-feature shortlist (below the catalog size while it is being prepared).",
+            registry=self.registry,
+        )
         self.index_size = Gauge(
             "clipsearch_index_vectors", "Vectors in the index being served.", registry=self.registry
         )
@@ -55,6 +80,16 @@ class Metrics:
         if page.encode_seconds > 0:
             self.encode_seconds.labels(kind).observe(page.encode_seconds)
         self.search_seconds.observe(page.search_seconds)
+
+    def observe_lookup(self, verdict: str, stages: Mapping[str, float], total_seconds: float, candidates: int) -> None:
+        self.lookups.labels(verdict).inc()
+        for stage, seconds in stages.items():
+            self.lookup_stage_seconds.labels(stage).observe(seconds)
+        self.lookup_stage_seconds.labels("total").observe(total_seconds)
+        self.lookup_candidates.observe(candidates)
+
+    def track_feature_images(self, count: Callable[[], float]) -> None:
+        self.feature_images.set_function(count)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.request_seconds.labels(method, route).observe(seconds)

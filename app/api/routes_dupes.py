@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Path, Query, Request, UploadFile
 
 from app.api.deps import MAX_ID, DupesDep, SettingsDep, read_upload
+from app.api.metrics import Metrics
 from app.api.routes_search import _thumbnail_size
 from app.api.schemas import DuplicateEvidence, DuplicateMatch, LookupResponse, error_responses
 from app.dupes import Verdict
@@ -29,6 +30,9 @@ LimitQuery = Annotated[int, Query(ge=1, le=MAX_MATCHES, description="At most thi
 
 
 def present(request: Request, report: DupeReport, query: str) -> LookupResponse:
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_lookup(report.verdict.value, report.stages, report.took_ms / 1000.0, report.candidates)
     root = request.scope.get("root_path", "")
     size = _thumbnail_size(request)
     return LookupResponse(

@@ -17,7 +17,9 @@ from app.api import create_app
 from app.config import Settings
 from app.encoder import Encoder
 from tests.api.conftest import Catalog, api_settings, build_index
+from tests.api.test_operations import metric_value
 from tests.api.test_upload import files_under, png_header_bomb
+from tests.test_duplicates import unrelated_photo
 
 UPLOAD_LIMIT = 50_000
 
@@ -138,3 +140,20 @@ def test_duplicates_of_an_unknown_image_is_404(client: TestClient) -> None:
     response = client.get("/images/987654/duplicates")
     assert response.status_code == 404
     assert "987654" in response.json()["detail"]
+
+
+def test_lookups_are_counted_by_verdict_with_stage_timings_in_metrics(
+    indexed_settings: Settings, catalog: Catalog
+) -> None:
+    with TestClient(create_app(indexed_settings)) as fresh:  # its own metrics registry: counts start at zero
+        assert post_lookup(fresh, cropped_copy(catalog.files[5])).json()["verdict"] == "near_duplicate"
+        other = post_lookup(fresh, unrelated_photo(), name="other.jpg").json()["verdict"]
+        assert other in ("similar", "different")  # not a copy (the random-weight model's cosines may say similar)
+        text = fresh.get("/metrics").text
+    assert metric_value(text, 'clipsearch_lookups_total{verdict="near_duplicate"}') == 1
+    assert metric_value(text, f'clipsearch_lookups_total{{verdict="{other}"}}') == 1
+    for stage in ("decode", "prepare", "encode", "candidates", "verify", "total"):
+        assert metric_value(text, f'clipsearch_lookup_stage_seconds_count{{stage="{stage}"}}') == 2, stage
+        assert (metric_value(text, f'clipsearch_lookup_stage_seconds_sum{{stage="{stage}"}}') or 0) > 0, stage
+    assert metric_value(text, "clipsearch_lookup_candidates_count") == 2
+    assert metric_value(text, "clipsearch_dupes_feature_images") is not None
