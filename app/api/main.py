@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dupes = DupeService(settings, service)
         app.state.dupes.start()  # the local-feature index of the catalog is prepared in the background
         metrics.track_index_size(lambda: service.index_count)
+        metrics.track_feature_images(lambda: len(app.state.dupes.features) if app.state.dupes is not None else 0)
         try:
             yield
         finally:
