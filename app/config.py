@@ -43,6 +43,16 @@ class Settings(BaseSettings):
     )
     model_cache_dir: Path | None = Field(default=None, description="Where downloaded weights are kept.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    inference: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description="CPU inference: 'int8' quantises the model's linear layers (faster, cosine >= 0.995 to fp32).",
+    )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Threads for torch and FAISS in this process; 0: the library defaults (all cores).",
+    )
     batch_size: int = Field(default=32, ge=1, le=4096)
     decode_workers: int = Field(default_factory=_default_workers, ge=1, le=256)
     max_image_pixels: int = Field(

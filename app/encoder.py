@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import ModelLoadError
+from app.quantize import FP32, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,19 @@ def resolve_device(requested: str) -> torch.device:
 class Encoder:
     """Turns images and texts into float32, L2-normalised vectors in one shared space."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: torch.device,
+        cache_dir: Path | None = None,
+        *,
+        inference: str = FP32,
+        threads: int = 0,
+    ) -> None:
         import open_clip
+
+        if threads:
+            set_cpu_threads(threads)
 
         self.spec = spec
         self.device = device
@@ -83,6 +95,9 @@ class Encoder:
         except Exception as exc:
             raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
         model.eval()
+        # int8 keeps the weights' embedding space (same model, same manifest), approximated to ~1e-3.
+        self.inference = check_inference(inference, device)
+        model = quantize(model, self.inference)
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -94,7 +109,13 @@ class Encoder:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:
-        return cls(ModelSpec.from_settings(settings), resolve_device(settings.device), settings.model_cache_dir)
+        return cls(
+            ModelSpec.from_settings(settings),
+            resolve_device(settings.device),
+            settings.model_cache_dir,
+            inference=settings.inference,
+            threads=settings.torch_threads,
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":

@@ -1,0 +1,151 @@
+"""CPU inference options: opt-in int8 dynamic quantisation of an open_clip model, and thread counts.
+
+``torch.ao.quantization.quantize_dynamic`` only converts ``nn.Linear`` modules. open_clip's default blocks
+hold their attention projections inside ``nn.MultiheadAttention`` (a bare ``in_proj_weight`` parameter and a
+``NonDynamicallyQuantizableLinear``), so on their own those would stay fp32: about a third of each block's
+weights. :func:`quantize` first swaps each self-attention module for :class:`LinearSelfAttention`, the
+same computation written with two ``nn.Linear`` layers, then quantises all linear layers. Weights become int8
+(one scale per tensor), activations are quantised to 8 bits on the fly per call. The model keeps its embedding
+space (the same weights, approximated: cosine to fp32 >= 0.995), so an index built with one mode serves the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+FP32 = "fp32"
+INT8 = "int8"
+INFERENCE_MODES = (FP32, INT8)
+
+
+class LinearSelfAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, no dropout) with its projections as ``nn.Linear`` layers,
+    called the way open_clip's ``ResidualAttentionBlock`` calls it: ``attn(x, x, x, need_weights=False,
+    attn_mask=mask)[0]``."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        dim = attention.embed_dim
+        self.num_heads = attention.num_heads
+        self.batch_first = attention.batch_first
+        bias = attention.in_proj_bias is not None
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=attention.out_proj.bias is not None)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(attention.in_proj_weight)
+            if bias:
+                self.in_proj.bias.copy_(attention.in_proj_bias)
+            self.out_proj.weight.copy_(attention.out_proj.weight)
+            if attention.out_proj.bias is not None:
+                self.out_proj.bias.copy_(attention.out_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("LinearSelfAttention only computes self-attention (key and value must be the query)")
+        x = query if self.batch_first else query.transpose(0, 1)
+        batch, length, dim = x.shape
+        q, k, v = self.in_proj(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA's convention: True = masked out
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(attn_mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def swap_self_attention(model: nn.Module) -> int:
+    """Replace the plain self-attention modules of open_clip's blocks by :class:`LinearSelfAttention`."""
+    swapped = 0
+    for block in model.modules():
+        attention = getattr(block, "attn", None)
+        if (
+            isinstance(attention, nn.MultiheadAttention)
+            and not hasattr(block, "ln_1_kv")  # cross-attention blocks keep theirs
+            and attention._qkv_same_embed_dim
+            and attention.bias_k is None
+            and not attention.add_zero_attn
+            and attention.dropout == 0.0
+        ):
+            block.attn = LinearSelfAttention(attention)
+            swapped += 1
+    return swapped
+
+
+class FullRangeDynamicLinear(torch.ao.nn.quantized.dynamic.Linear):
+    """torch's dynamic int8 linear layer with activations quantised to 8 bits instead of its default 7.
+
+    ``reduce_range`` (7-bit activations) guards against int16 saturation in fbgemm's AVX2 kernels; measured on
+    the trained model, the 7-bit activations cost more than the rare saturation: top-10 neighbour overlap with
+    fp32 0.92 with 7 bits, 0.96 with 8 (200 real photos, tests/test_quantize.py), at the same speed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=False)
+        return y.to(x.dtype)
+
+
+def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if type(module) is torch.ao.nn.quantized.dynamic.Linear and module._packed_params.dtype == torch.qint8:
+            module.__class__ = FullRangeDynamicLinear
+            # open_clip asks a block for its weight dtype through ``mlp.c_fc.weight.dtype`` unless the layer
+            # says ``int8_original_dtype`` (its bitsandbytes hook); a quantised layer has no ``.weight`` tensor.
+            module.int8_original_dtype = dtype
+
+
+def quantize(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only)."""
+    if mode == FP32:
+        return model
+    if mode != INT8:
+        raise ValueError(f"unknown inference mode {mode!r}: use one of {', '.join(INFERENCE_MODES)}")
+    quantized = copy.deepcopy(model).cpu().eval()
+    swap_self_attention(quantized)
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation works in torch 2.14 but is deprecated in favour of torchao: that
+        # move is for when the pinned torch changes (tests/test_quantize.py then shows whether it still holds).
+        warnings.filterwarnings("ignore", message=r".*(quantiz|torchao).*")
+        # Per-tensor weight scales: with 8-bit activations, per-channel scales saturate fbgemm's AVX2 kernels
+        # more often (measured: neighbour overlap 0.935 vs 0.96 on the trained model).
+        qconfig = torch.ao.quantization.default_dynamic_qconfig
+        quantized = torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear: qconfig}, dtype=torch.qint8)
+    _finish_int8(quantized, torch.float32)
+    return quantized
+
+
+def check_inference(mode: str, device: torch.device) -> str:
+    """``mode`` if it can run on ``device``; a clear error otherwise."""
+    if mode not in INFERENCE_MODES:
+        raise ModelLoadError(f"CLIPSEARCH_INFERENCE={mode!r} is unknown: use one of {', '.join(INFERENCE_MODES)}")
+    if mode == INT8 and device.type != "cpu":
+        raise ModelLoadError(
+            "CLIPSEARCH_INFERENCE=int8 runs on the CPU only: set CLIPSEARCH_DEVICE=cpu, "
+            "or CLIPSEARCH_INFERENCE=fp32 on a GPU (which already uses fp16/bf16 autocast)"
+        )
+    return mode
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Threads for torch's intra-op pool and FAISS's OpenMP pool (process-wide; 0 leaves the defaults)."""
+    if threads <= 0:
+        return
+    import faiss
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    log.info("CPU threads: torch %d, faiss %d", threads, threads)
