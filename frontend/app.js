@@ -9,6 +9,8 @@ const DEBOUNCE_MS = 250;
 const READY_RETRY_MS = 5000;
 const PRELOAD_MARGIN_PX = 800;
 const SAFE_SEARCH_KEY = "clipsearch.safeSearch";
+// "none" turns the relevance cut-off off (every hit shown in one list); anything else: cutoff=auto.
+const CUTOFF_KEY = "clipsearch.cutoff";
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -87,7 +89,23 @@ const results = {
   tookMs: null,
   model: null,
   facets: [], // [{label, count}] over all the hits of the current search
+  relevantTotal: null, // hits that passed the relevance cut-off (null: no cut-off asked for)
+  firstWeaker: -1, // index of the first hit below the cut-off, where the divider goes (-1: none yet)
+  showWeaker: false, // the person asked to see the less relevant hits of this search
 };
+
+/** The API's relevance cut-off: "auto" unless the browser stores "none" (clipsearch.cutoff in localStorage). */
+function cutoffMode() {
+  try {
+    return localStorage.getItem(CUTOFF_KEY) === "none" ? "none" : "auto";
+  } catch {
+    return "auto"; // storage blocked: the default
+  }
+}
+
+/** The less relevant hits are loaded up to the divider but stay folded until asked for. */
+const weakerFolded = () => results.firstWeaker >= 0 && !results.showWeaker;
+const shownCount = () => (weakerFolded() ? results.firstWeaker : results.hits.length);
 
 let activeIndex = 0; // the result that holds the grid's tab stop
 let viewerIndex = -1;
@@ -139,6 +157,7 @@ function pageParams(offset) {
   for (const tag of query.tags) params.append("tag", tag);
   if (query.safe) params.set("safe", "true");
   if (offset > 0) params.set("facets", "0"); // counted over all the hits: the first page has them
+  if (cutoffMode() === "auto") params.set("cutoff", "auto");
   return params;
 }
 
@@ -192,6 +211,9 @@ function startSearch() {
   results.hasMore = false;
   results.error = null;
   results.tookMs = null;
+  results.relevantTotal = null;
+  results.firstWeaker = -1;
+  results.showWeaker = false;
   activeIndex = 0;
   renderChip();
   if (query.mode === "idle") {
@@ -219,6 +241,7 @@ async function loadPage(generation, offset) {
     results.total = Number.isFinite(data.total) ? data.total : offset + data.hits.length;
     results.tookMs = data.took_ms;
     results.model = data.model || results.model;
+    results.relevantTotal = Number.isInteger(data.relevant_total) && data.cutoff != null ? data.relevant_total : null;
     if (offset === 0) {
       el.results.replaceChildren();
       results.facets = Array.isArray(data.facets) ? data.facets : [];
@@ -251,13 +274,13 @@ async function loadPage(generation, offset) {
 }
 
 function loadMore() {
-  if (results.loading || !results.hasMore || query.mode === "idle") return Promise.resolve();
+  if (results.loading || !results.hasMore || query.mode === "idle" || weakerFolded()) return Promise.resolve();
   return loadPage(results.generation, results.hits.length);
 }
 
 /** Keep filling the page while the end of the grid is on (or near) the screen. */
 function maybeLoadMore() {
-  if (!results.hasMore || results.loading) return;
+  if (!results.hasMore || results.loading || weakerFolded()) return;
   if (el.sentinel.getBoundingClientRect().top < window.innerHeight + PRELOAD_MARGIN_PX) loadMore();
 }
 
@@ -281,8 +304,16 @@ function appendHits(hits) {
     results.hits.push(hit);
     results.ids.add(hit.id);
 
+    if (hit.relevant === false && results.firstWeaker < 0) {
+      results.firstWeaker = index;
+      fragment.append(weakerDivider());
+    }
     const item = document.createElement("li");
     item.className = "result";
+    if (results.firstWeaker >= 0) {
+      item.classList.add("weaker");
+      item.hidden = !results.showWeaker;
+    }
     item.dataset.testid = "result";
     item.dataset.id = hit.id;
     item.dataset.index = index;
@@ -319,6 +350,38 @@ function appendHits(hits) {
     fragment.append(item);
   }
   el.results.append(fragment);
+}
+
+const weakerCount = () =>
+  results.relevantTotal === null ? results.hits.length - results.firstWeaker : results.total - results.relevantTotal;
+
+/** Where the hits below the relevance cut-off begin: a button that unfolds them. */
+function weakerDivider() {
+  const divider = document.createElement("li");
+  divider.className = "weaker-divider";
+  divider.dataset.testid = "weaker-divider";
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "weaker-toggle";
+  button.textContent = `Show less relevant (${weakerCount().toLocaleString()})`;
+  button.title = "These scored well below the best matches of this search";
+  button.setAttribute("aria-expanded", "false");
+  button.addEventListener("click", showWeaker, { once: true });
+  divider.append(button);
+  return divider;
+}
+
+function showWeaker() {
+  results.showWeaker = true;
+  for (const item of el.results.querySelectorAll(".result.weaker")) item.hidden = false;
+  const button = el.results.querySelector(".weaker-toggle");
+  if (button) {
+    button.textContent = "Less relevant";
+    button.disabled = true;
+    button.setAttribute("aria-expanded", "true");
+  }
+  renderStatus();
+  setTimeout(maybeLoadMore, 0);
 }
 
 /** "for “red car”", "like photo_042.jpg": how the status line names the current search. */
@@ -410,7 +473,11 @@ function renderStatus() {
   }
   const count = results.total === 1 ? "1 image" : `${results.total.toLocaleString()} images`;
   const took = typeof results.tookMs === "number" ? ` · ${Math.round(results.tookMs)} ms` : "";
-  setStatus(results.loading ? "loading" : "results", `${count} ${describeQuery()}${describeTags()}${took}`);
+  const weaker = results.firstWeaker >= 0 ? ` · ${weakerCount().toLocaleString()} less relevant` : "";
+  setStatus(
+    results.loading ? "loading" : "results",
+    `${count} ${describeQuery()}${describeTags()}${weaker}${took}`,
+  );
 }
 
 function setBusy(busy) {
@@ -686,7 +753,7 @@ document.addEventListener("paste", (event) => {
 // ---------------------------------------------------------------------------------------------------------
 // Keyboard navigation in the grid
 
-const tiles = () => el.results.querySelectorAll(".result .tile");
+const tiles = () => el.results.querySelectorAll(".result:not([hidden]) .tile");
 
 function columnCount() {
   const columns = getComputedStyle(el.results).gridTemplateColumns.split(" ").filter(Boolean).length;
@@ -716,7 +783,7 @@ el.results.addEventListener("keydown", (event) => {
     ArrowDown: index + cols,
     ArrowUp: index - cols,
     Home: 0,
-    End: results.hits.length - 1,
+    End: shownCount() - 1,
   };
   if (!(event.key in moves)) return;
   event.preventDefault();
@@ -744,7 +811,7 @@ el.results.addEventListener("focusin", (event) => {
 });
 
 el.search.addEventListener("keydown", (event) => {
-  if (event.key === "ArrowDown" && results.hits.length) {
+  if (event.key === "ArrowDown" && shownCount()) {
     event.preventDefault();
     focusResult(0);
   } else if (event.key === "Escape" && el.search.value) {
@@ -857,7 +924,7 @@ function openViewer(index) {
 
 async function stepViewer(delta) {
   const target = viewerIndex + delta;
-  if (target < 0) return;
+  if (target < 0 || (weakerFolded() && target >= shownCount())) return;
   if (target >= results.hits.length) {
     if (!results.hasMore) return;
     await loadMore();

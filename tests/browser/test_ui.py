@@ -120,6 +120,9 @@ def browser() -> Iterator[Any]:
 def page(browser: Any) -> Iterator[Any]:
     """A fresh page; any uncaught JavaScript error fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    # Every hit in one list (the relevance cut-off off), as these tests count and step through all of them;
+    # the cut-off's divider has its own test with its own page (below).
+    context.add_init_script("try { localStorage.setItem('clipsearch.cutoff', 'none') } catch {}")
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     js_errors: list[str] = []
@@ -516,3 +519,49 @@ def test_facet_chips_filter_by_tag_and_safe_search_hides_flagged_images(
     wait_for_results(page, 15)
     assert url_params(page) == {"q": ["a photo of a revolver"]}
     assert page.evaluate("() => localStorage.getItem('clipsearch.safeSearch')") == "on"
+
+
+# --- the relevance cut-off -------------------------------------------------------------------------
+
+
+def test_less_relevant_results_wait_behind_a_divider_until_asked_for(tagged_url: str, browser: Any) -> None:
+    """The UI asks for cutoff=auto: the hits that pass come first, the weaker ones are folded behind
+    "Show less relevant (N)", and the button unfolds them."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    js_errors: list[str] = []
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    try:
+        query = "a photo of a sunflower"
+        with page.expect_request(lambda r: urlparse(r.url).path == "/search") as request:
+            page.goto(f"{tagged_url}/?q={query}")
+        sent = parse_qs(urlparse(request.value.url).query)
+        assert sent["cutoff"] == ["auto"]
+        wait_for_results(page)
+        api = page.request.get(
+            f"{tagged_url}/search", params={"q": query, "cutoff": "auto", "safe": "true", "k": "100"}
+        ).json()
+        relevant = [Path(h["path"]).name for h in api["hits"] if h["relevant"]]
+        weaker = api["total"] - api["relevant_total"]
+        assert relevant and weaker > 0, api
+
+        toggle = page.locator("[data-testid=weaker-divider] button")
+        expect(toggle).to_have_text(f"Show less relevant ({weaker})")
+        shown = page.locator(".result:visible")
+        expect(shown).to_have_count(len(relevant))
+        names = shown.locator(".tile").evaluate_all("tiles => tiles.map(t => t.title.split('/').pop())")
+        assert names == relevant
+        assert names[0].startswith("sunflower_")
+        expect(page.locator("#status")).to_contain_text(f"{weaker} less relevant")
+
+        toggle.click()
+        expect(shown).to_have_count(api["total"])
+        expect(toggle).to_have_text("Less relevant")
+        expect(toggle).to_be_disabled()
+        scores = result_scores(page)
+        assert scores == sorted(scores, reverse=True)
+        assert all(s < api["cutoff"] for s in scores[len(relevant) :])
+    finally:
+        context.close()
+    assert not js_errors, f"JavaScript errors on the page: {js_errors}"
