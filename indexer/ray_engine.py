@@ -203,7 +203,8 @@ class Shard:
 def read_shard(path: Path) -> Shard:
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
-        embedded, others = [], []
+        embedded: list[Prepared] = []
+        others: list[Prepared] = []
         for row in range(len(data["path"])):
             item = Prepared(
                 FileInfo(str(data["path"][row]), int(data["size"][row]), float(data["mtime"][row])),
@@ -356,11 +357,14 @@ class RayIndexer:
         try:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = self.progress
-            gpus = int(ray.cluster_resources().get("GPU", 0))
+            resources = ray.cluster_resources()
+            gpus = int(resources.get("GPU", 0))
             workers = self.workers or max(1, gpus)
+            # Without GPUs the actors share the CPUs with the decode tasks: leave those at least one CPU.
+            embed_cpus = 0.0 if gpus else min(1.0, max(resources.get("CPU", 1.0) - 1.0, 1.0) / workers)
             summary.embed_workers = workers
             rows = [{"partition": p.id, "payload": self._partition_payload(p)} for p in partitions]
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+            dataset: Any = ray.data.from_items(rows, override_num_blocks=len(rows))
             dataset = dataset.map_batches(
                 prepare_partitions,
                 batch_size=1,
@@ -380,7 +384,7 @@ class RayIndexer:
                 # Ray Data restarts a dead actor and retries its partition (max_restarts=-1 by default).
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_gpus=1 if gpus else 0,
-                num_cpus=0 if gpus else 1,
+                num_cpus=embed_cpus,
             )
             log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
             for row in dataset.iter_rows():
@@ -390,8 +394,10 @@ class RayIndexer:
                 ray.shutdown()
 
     def _partition_memory(self) -> int:
+        """A decode task's memory: the worker process (Python, torch, PIL: ~600 MB measured) and a partition's
+        pixels, twice (the images as decoded, then the stacked copy)."""
         side = self.indexer.encoder.image_size
-        return max(64 << 20, 2 * self.partition_size * 3 * side * side * 4)
+        return (768 << 20) + 2 * self.partition_size * 3 * side * side * 4
 
     @staticmethod
     def _partition_payload(partition: Partition) -> bytes:

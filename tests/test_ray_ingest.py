@@ -226,5 +226,12 @@ def test_the_index_command_runs_the_ray_engine(
     assert "added 2, updated 0, unchanged 0, reused 0, removed 0, failed 1" in result.output
     assert "ray: 1 partitions (1 computed, 0 from saved shards)" in result.output
 
+    # A copy under a new name reuses the stored vector: its content hash is known, the model is not called.
+    (folder / "copy_of_004.jpg").write_bytes((folder / "photo_004.jpg").read_bytes())
+    again = CliRunner().invoke(main, ["index", "--engine", "ray", str(folder), *args])
+    assert again.exit_code == 0, again.output
+    assert "added 0, updated 0, unchanged 3, reused 1, removed 0, failed 0" in again.output
+    assert "embedded 0 images" in again.output
+
     refused = CliRunner().invoke(main, ["index", "memory://photos", *args])
     assert refused.exit_code == 2 and "URLs need --engine ray" in refused.output
