@@ -35,6 +35,7 @@ def readyz(service: ServiceDep) -> Ready:
         index_file=manifest.index_file,
         built_at=manifest.built_at,
         dim=manifest.dim,
+        inference=getattr(service.encoder, "inference", "fp32"),
     )
 
 

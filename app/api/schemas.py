@@ -124,6 +124,7 @@ class Ready(BaseModel):
     index_file: str
     built_at: str
     dim: int
+    inference: str = Field(default="fp32", description="CPU inference mode of the model (CLIPSEARCH_INFERENCE).")
 
 
 class Reloaded(BaseModel):
