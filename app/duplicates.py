@@ -60,7 +60,7 @@ from app.dupes.cache import (
     write_shortlist,
 )
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady, UnsupportedImage
-from app.imaging import decode_image
+from app.imaging import decode_image, model_draft_size
 from app.index import Manifest
 from app.search import SearchService
 from app.store import ImageRecord, ImageStatus, Store
@@ -83,6 +83,13 @@ def _timed(work: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     result = work(*args)
     return result, time.perf_counter() - started
+
+
+def shrunk_for_model(image: Image.Image, draft: int) -> Image.Image:
+    """The image box-reduced by the largest integer factor that keeps its shorter side >= ``draft`` pixels: what
+    the indexer's JPEG draft decode gives the model, so that a large upload is not resized from full size."""
+    factor = min(image.size) // max(draft, 1)
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def parse_verdict(value: str | Verdict) -> Verdict:
@@ -660,7 +667,8 @@ class DupeService:
         # The query's ORB features on a worker thread while this one runs the CLIP model: the two overlap.
         query = self.pool.submit(_timed, prepare_query, image)
         encode_started = time.perf_counter()
-        vector = np.asarray(self.search.encoder.encode_images([image])[0], dtype=np.float32)
+        clip_input = shrunk_for_model(image, model_draft_size(self.search.encoder.image_size))
+        vector = np.asarray(self.search.encoder.encode_images([clip_input])[0], dtype=np.float32)
         stages["encode"] = time.perf_counter() - encode_started
         prepared, stages["prepare"] = query.result()
         return self._lookup(prepared, vector, set(), floor, limit, started, stages)
