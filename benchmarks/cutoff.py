@@ -358,11 +358,41 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def worst_ratios(results: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """Per method: its worst F1 / oracle over the reported catalog x query cells, and how many cells it covers."""
+    rows = results["rows"]
+    oracle_f1 = {(r["catalog"], r["query"]): r["f1"] for r in rows if r["method"].startswith("oracle")}
+    ratios: dict[str, list[float]] = {}
+    for r in rows:
+        if not r["method"].startswith("oracle"):
+            ratios.setdefault(r["method"], []).append(r["f1"] / oracle_f1[r["catalog"], r["query"]])
+    return sorted(((m, min(v), len(v)) for m, v in ratios.items()), key=lambda t: -t[1])
+
+
+def summary(results: dict[str, Any]) -> str:
+    lines = [
+        "| method | worst F1 / oracle (held-out Caltech and CIFAR-10, text and image) | cells |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {m} | {w:.2f} | {n} |" for m, w, n in worst_ratios(results)]
+    return "\n".join(lines)
+
+
 def notes(results: dict[str, Any]) -> str:
     absent = results["absent_concepts"]
     q = ", ".join(f"{k}: {v}" for k, v in results["queries"].items())
     return "\n".join(
         [
+            summary(results),
+            "",
+            "- Why the range cut: it has the best worst case over the four cells (text and image queries, held-out "
+            "Caltech-101 and CIFAR-10), with one constant per query kind, and it scales with each query's own "
+            "spread, so it needs no level that belongs to a catalog or a model. The fixed threshold (one per query "
+            "kind, tuned on Caltech) only just reaches 0.90 on CIFAR-10 text queries, with recall 0.54: the CIFAR "
+            "oracle's text threshold is far below Caltech's, and another model would move both. Z-scores fail when "
+            "a tenth of the catalog is relevant (CIFAR-10); gap autocut stops at the first small gap; the Gaussian "
+            "mixture and the empirical-null FDR take the skewed background for relevant tail; null captions set a "
+            "catalog-level threshold (close to the range cut on text) and cannot serve image queries.",
             f'- Model: `{results["model"]}`; text queries "{results["template"]}"; image queries: an image of the '
             f"class (itself left out), seed {results['query_seed']}. Queries: {q}.",
             f"- Every method's parameter was chosen once per query kind on half of the Caltech-101 classes (seed "
