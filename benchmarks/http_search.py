@@ -1,12 +1,15 @@
 """End-to-end HTTP: `clipsearch serve` over a large synthetic index, loaded from loopback.
 
     python -m benchmarks.http_search [--vectors 1000000] [--requests 200] [--concurrency 1,8,32]
+                                     [--inference fp32|int8] [--torch-threads N] [--quick]
 
 A store of N rows and an index of N synthetic CLIP-like 512-d vectors (as `clipsearch index` would have left
 them for ViT-B-32) are written to a temp data dir; `clipsearch serve` runs as a subprocess with ViT-B-32 random
 weights; a thread pool of HTTP clients on 127.0.0.1 sends bounded numbers of /search requests at each
 concurrency: uncached queries (every text new) and cached ones (a few texts repeated). The client shares the
-2 cores with the server, so the figures are a lower bound. Results: benchmarks/results/http_search.*
+2 cores with the server, so the figures are a lower bound. --inference and --torch-threads set the server's
+CLIPSEARCH_INFERENCE and CLIPSEARCH_TORCH_THREADS. --quick: 100k vectors, 40 requests, concurrency 1 and 8,
+written to http_search-quick.*. Results: benchmarks/results/http_search.*
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 from sqlalchemy import insert
 
 from app.config import Settings
-from app.index import VectorIndex, choose_kind
+from app.index import VectorIndex, choose_kind, nlist_for, training_size_for
 from app.store import ImageRow, Store, utcnow
 from benchmarks.common import write_results
 from benchmarks.index_scale import DIM, clip_like
@@ -76,8 +79,9 @@ def build_catalog(data_dir: Path, n: int, model: str) -> float:
     centers = rng.standard_normal((max(64, n // 200), DIM), dtype=np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     kind = choose_kind(n, "auto", settings.ivf_min_vectors)
-    sample = clip_like(min(n, 100_000), rng, centers)
-    index = VectorIndex.create(DIM, kind, sample if kind != "flat" else None)
+    # the indexer's rule: lists from the catalog size, trained on up to 256 points per list
+    sample = clip_like(min(n, training_size_for(nlist_for(n))), rng, centers)
+    index = VectorIndex.create(DIM, kind, sample if kind != "flat" else None, count=n)
     for start in range(0, n, 100_000):
         count = min(n, start + 100_000) - start
         index.add(np.arange(start + 1, start + count + 1, dtype=np.int64), clip_like(count, rng, centers))
@@ -130,14 +134,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--limit-s", type=float, default=120.0, help="time limit per load level")
+    parser.add_argument("--inference", choices=("fp32", "int8"), default="fp32", help="the server's text tower")
+    parser.add_argument("--torch-threads", type=int, default=0, help="the server's threads (0: all cores)")
+    parser.add_argument("--quick", action="store_true", help="100k vectors, 40 requests, concurrency 1,8")
     args = parser.parse_args()
+    if args.quick:
+        args.vectors, args.requests, args.concurrency = 100_000, 40, "1,8"
     data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
     model = "ViT-B-32"
     build_s = build_catalog(data_dir, args.vectors, model)
     print(f"catalog of {args.vectors:,} built in {build_s:.1f}s", flush=True)
     port = free_port()
     env = dict(os.environ, CLIPSEARCH_DATA_DIR=str(data_dir), CLIPSEARCH_MODEL=model, CLIPSEARCH_PRETRAINED="",
-               CLIPSEARCH_DEVICE="cpu")  # fmt: skip
+               CLIPSEARCH_DEVICE="cpu", CLIPSEARCH_INFERENCE=args.inference,
+               CLIPSEARCH_TORCH_THREADS=str(args.torch_threads))  # fmt: skip
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     started = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -163,7 +173,16 @@ def main() -> None:
         for conc in (int(c) for c in args.concurrency.split(",")):
             for label, queries in (("uncached", uncached), ("cached", cached)):
                 result = load(base, queries, conc, args.requests, args.limit_s)
-                rows.append({"vectors": args.vectors, "concurrency": conc, "queries": label, **result})
+                rows.append(
+                    {
+                        "vectors": args.vectors,
+                        "inference": args.inference,
+                        "torch_threads": args.torch_threads or "all",
+                        "concurrency": conc,
+                        "queries": label,
+                        **result,
+                    }
+                )
                 print(rows[-1], flush=True)
     finally:
         server.terminate()
@@ -172,15 +191,17 @@ def main() -> None:
     lines = [
         f"Service ready in {ready_s:.2f} s with {args.vectors:,} vectors (process start + model + index load).",
         "",
-        "| vectors | concurrency | queries | requests | errors | p50 ms | p99 ms | QPS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| vectors | inference | threads | concurrency | queries | requests | errors | p50 ms | p99 ms | QPS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['vectors']:,} | {r['concurrency']} | {r['queries']} | {r['requests']} | {r['errors']} | "
+            f"| {r['vectors']:,} | {r['inference']} | {r['torch_threads']} | {r['concurrency']} | {r['queries']} | "
+            f"{r['requests']} | {r['errors']} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['qps']:.1f} |"
         )
-    write_results("http_search", {"ready_s": ready_s, "build_s": build_s, "rows": rows}, "\n".join(lines))
+    name = "http_search-quick" if args.quick else "http_search"
+    write_results(name, {"ready_s": ready_s, "build_s": build_s, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

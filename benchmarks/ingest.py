@@ -1,15 +1,18 @@
 """Ingest throughput: the canonical open_clip loop vs the model alone vs clipsearch's indexer, side by side.
 
-    python -m benchmarks.ingest [--images N] [--models vit,instrument] [--quant]
+    python -m benchmarks.ingest [--images N] [--models vit,instrument] [--no-int8] [--quick]
 
 Each model is timed in one run on the same real photos, batch size and thread count:
 - baseline: the loop people write (Image.open -> preprocess -> stack -> encode_image), one thread decoding;
 - model-only: encode_image on tensors decoded beforehand (the bound for a model-bound setup);
 - clipsearch: Indexer.run on a fresh data dir (walk, hash, decode pool, batched encode, commits, index save);
-- int8 (opt-in, --quant): dynamic int8 quantisation of the linear layers, model-only.
+- int8 (the opt-in CLIPSEARCH_INFERENCE=int8, through app.quantize as the encoder applies it): model-only, as a
+  ratio to the fp32 model-only rate (target >= 1.5x), with its fidelity to the reference (cosine >= 0.995,
+  top-10 overlap >= 0.95).
 Fidelity against the reference path (the same decoding without JPEG draft mode: EXIF orientation applied, full
 resolution): mean/min cosine and top-10 neighbour overlap, for our default path and for int8; the baseline loop's
 vectors differ from both where photos carry an EXIF rotation (it ignores it), also reported.
+--quick: 32 ViT photos and 192 for the tiny model, written to ingest-quick.* (never over the full results).
 Results: benchmarks/results/ingest.json and .md.
 """
 
@@ -29,6 +32,7 @@ from PIL import Image
 from app.config import Settings
 from app.encoder import Encoder
 from app.imaging import decode_image
+from app.quantize import INT8, quantize
 from app.store import Store
 from benchmarks.common import write_results
 from indexer import Indexer
@@ -132,7 +136,8 @@ def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool)
         "baseline_vs_reference": fidelity(ref_vecs, base_vecs),
     }
     if quant:
-        qmodel = torch.ao.quantization.quantize_dynamic(encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+        qmodel = quantize(encoder.model, INT8)
+        model_only(encoder, pixels[:bs], bs, model=qmodel)  # warm-up
         q_s = model_only(encoder, pixels, bs, model=qmodel)
         with torch.inference_mode():
             qv = torch.nn.functional.normalize(qmodel.encode_image(pixels), dim=-1).numpy()
@@ -148,18 +153,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=0, help="photos per model (default: 192 ViT, 960 tiny)")
     parser.add_argument("--models", default="vit,instrument")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--quant", action="store_true", help="also time the opt-in int8 path")
+    parser.add_argument("--no-int8", action="store_true", help="skip the opt-in int8 path")
+    parser.add_argument("--quick", action="store_true", help="few photos: a smoke run (ingest-quick.*)")
     args = parser.parse_args()
+    quant = not args.no_int8
     torch.set_num_threads(THREADS)
     rows = []
     for name in args.models.split(","):
         if name == "vit":
             settings = Settings(model="ViT-B-32", pretrained="", device="cpu", batch_size=args.batch_size)
-            label, count = "ViT-B-32 (random weights)", args.images or 192
+            label, count = "ViT-B-32 (random weights)", args.images or (32 if args.quick else 192)
         else:
             settings = Settings(model=f"local-dir:{INSTRUMENT_MODEL}", device="cpu", batch_size=args.batch_size)
-            label, count = "clipsearch-tiny-64 (trained, 64 px)", args.images or 960
-        rows.append(bench_model(label, settings, pick_photos(count), args.quant))
+            label, count = "clipsearch-tiny-64 (trained, 64 px)", args.images or (192 if args.quick else 960)
+        rows.append(bench_model(label, settings, pick_photos(count), quant))
         print(rows[-1], flush=True)
 
     lines = [
@@ -174,7 +181,7 @@ def main() -> None:
             f"{r['clipsearch_img_s']:.1f} | {r['ours_vs_model_only']:.2f} | {r['ours_vs_baseline']:.2f} | "
             f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
         )
-    if args.quant:
+    if quant:
         lines += ["", "| model | int8 model-only img/s | int8 / fp32 model-only | mean cos | top-10 overlap |",
                   "| --- | --- | --- | --- | --- |"]  # fmt: skip
         for r in rows:
@@ -183,7 +190,8 @@ def main() -> None:
                 f"| {r['model']} | {r['int8_model_only_img_s']:.1f} | {r['int8_vs_fp32_model_only']:.2f} | "
                 f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
             )
-    write_results("ingest", {"threads": THREADS, "rows": rows}, "\n".join(lines))
+    name = "ingest-quick" if args.quick else "ingest"
+    write_results(name, {"threads": THREADS, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":
