@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 FP32 = "fp32"
 INT8 = "int8"
 INFERENCE_MODES = (FP32, INT8)
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 class LinearSelfAttention(nn.Module):
@@ -105,10 +107,10 @@ def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
             module.__class__ = FullRangeDynamicLinear
             # open_clip asks a block for its weight dtype through ``mlp.c_fc.weight.dtype`` unless the layer
             # says ``int8_original_dtype`` (its bitsandbytes hook); a quantised layer has no ``.weight`` tensor.
-            module.int8_original_dtype = dtype
+            setattr(module, "int8_original_dtype", dtype)  # noqa: B010 (not a declared attribute)
 
 
-def quantize(model: nn.Module, mode: str) -> nn.Module:
+def quantize(model: ModelT, mode: str) -> ModelT:
     """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only)."""
     if mode == FP32:
         return model
@@ -125,7 +127,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         qconfig = torch.ao.quantization.default_dynamic_qconfig
         quantized = torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear: qconfig}, dtype=torch.qint8)
     _finish_int8(quantized, torch.float32)
-    return quantized
+    return cast(ModelT, quantized)
 
 
 def check_inference(mode: str, device: torch.device) -> str:
