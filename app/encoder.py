@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -91,7 +92,9 @@ class Encoder:
                 device=device,
                 cache_dir=str(cache_dir) if cache_dir else None,
             )
-            self.tokenizer = open_clip.get_tokenizer(spec.name)
+            # Multilingual models (xlm-roberta-*, nllb-clip-*) get open_clip's HFTokenizer here, and their
+            # text tower is a Hugging Face model built from its config: both come through open_clip's own path.
+            self.tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(cache_dir) if cache_dir else None)
         except Exception as exc:
             raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
         model.eval()
@@ -158,8 +161,14 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     @property
+    def hf_text_model(self) -> str | None:
+        """The Hugging Face model behind the text tower (multilingual models), or None for open_clip's own."""
+        return _hf_text_model(self.model)
+
+    @property
     def supports_truncated_text(self) -> bool:
-        """True for open_clip's own causal text tower pooled at the EOT token (not for HF towers)."""
+        """True for open_clip's own causal text tower pooled at the EOT token. Hugging Face towers
+        (CustomTextCLIP: bidirectional attention, mean/CLS pooling) always take the full encode."""
         import open_clip
 
         model = self.model
@@ -218,8 +227,40 @@ def _embed_dim(model: Any, tokenizer: Any, device: torch.device) -> int:
         return int(model.encode_text(tokenizer(["x"]).to(device)).shape[-1])
 
 
+def _hf_text_model(model: Any) -> str | None:
+    text = getattr(model, "text", None)
+    config = getattr(text, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None)
+    return str(name) if name and hasattr(text, "transformer") else None
+
+
+def _hf_text_config(spec: ModelSpec) -> str | None:
+    """The Hugging Face text model named by the spec's open_clip config (None: open_clip's own text tower)."""
+    try:
+        import open_clip
+
+        if spec.name.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(spec.name[len(LOCAL_DIR_PREFIX) :])
+            config = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg", {})
+        else:
+            config = open_clip.get_model_config(spec.name) or {}
+    except Exception:
+        return None
+    name = config.get("text_cfg", {}).get("hf_model_name")
+    return str(name) if name else None
+
+
 def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
     reason = f"{exc.__class__.__name__}: {exc}"
+    hf_model = _hf_text_config(spec)
+    if hf_model and (isinstance(exc, OSError | ImportError) or "transformers" in reason):
+        return (
+            f"could not load the text tower of {spec.label}, the Hugging Face model '{hf_model}': "
+            f"{reason.rstrip('. ')}. "
+            "Multilingual models need the 'transformers' package, and fetch that model's config and tokenizer "
+            "from the Hugging Face hub on first use: run once with network access (they are cached under "
+            "HF_HOME), or point the open_clip config at a local copy."
+        )
     if spec.name.startswith(LOCAL_DIR_PREFIX):
         return (
             f"could not load model from {spec.name}: {reason}. The folder must hold open_clip_config.json "
