@@ -41,15 +41,16 @@ READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 # --- building ------------------------------------------------------------------------------------
 
 
-def train_template(sample: np.ndarray, nlist: int, codec: str = "SQ8") -> faiss.IndexIVF:
+def train_template(sample: np.ndarray, nlist: int, codec: str = "SQ8", *, niter: int = 25) -> faiss.IndexIVF:
     """An empty IVF index over inner product (cosine on unit vectors), trained on ``sample``.
 
     ``codec`` is the FAISS code after ``IVF{nlist},``: ``SQ8`` (8-bit scalar, d bytes per vector), ``SQfp16``,
-    or ``PQ{m}`` / ``PQ{m}x4fs`` (product quantisation, m bytes per vector)."""
+    or ``PQ{m}`` (product quantisation, m bytes per vector). ``niter``: k-means iterations for the centroids."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if sample.ndim != 2 or len(sample) < nlist:
         raise ValueError(f"training needs at least nlist={nlist} sample vectors, got shape {sample.shape}")
     index = faiss.index_factory(sample.shape[1], f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(index).cp.niter = niter
     index.train(sample)
     if not isinstance(index, faiss.IndexIVF):
         raise ValueError(f"IVF{nlist},{codec} is not a plain IVF index")
@@ -101,6 +102,8 @@ def merge_parts(
 
     Writes ``name.ivfdata`` (the inverted lists), ``name.faiss`` (quantizer and codec, naming the lists by file
     name) and the id directory. ``drop_ids`` are left out (compaction). Returns the shard's index file name."""
+    if not parts:
+        raise ValueError(f"shard {name} needs at least one part to merge")
     directory.mkdir(parents=True, exist_ok=True)
     ivfs = []
     keep_alive = []
