@@ -565,3 +565,49 @@ def test_less_relevant_results_wait_behind_a_divider_until_asked_for(tagged_url:
     finally:
         context.close()
     assert not js_errors, f"JavaScript errors on the page: {js_errors}"
+
+
+def test_find_copies_shows_the_verdict_and_the_matched_region_on_both_images(
+    base_url: str, page: Any, catalog: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    photos = sorted(catalog.iterdir())
+    with Image.open(photos[4]) as opened:
+        image = opened.convert("RGB")
+    width, height = image.size
+    crop = tmp_path / "found-online.jpg"
+    image.crop((width * 15 // 100, height * 15 // 100, width * 85 // 100, height * 85 // 100)).save(crop, quality=80)
+
+    page.goto(base_url + "/")
+    page.click("#find-copies")
+    expect(page.locator("#copies")).to_be_visible()
+    with page.expect_response(lambda r: urlparse(r.url).path == "/lookup") as response:
+        page.set_input_files("#copies-file", crop)
+    assert response.value.status == 200, response.value.text()
+    answer = response.value.json()
+    expect(page.locator("#copies-status")).to_have_attribute("data-state", "done")
+    expect(page.locator("#copies-status .verdict-badge")).to_have_attribute("data-verdict", "near_duplicate")
+    first = page.locator(".copy-match").first
+    expect(first).to_have_attribute("data-id", str(answer["matches"][0]["id"]))
+    assert Path(answer["matches"][0]["path"]).name == photos[4].name
+    expect(first.locator(".verdict-badge")).to_have_text("Edited copy")
+    expect(first.locator("[data-testid=copy-evidence]")).to_contain_text("inliers")
+    # The matched region, drawn over both images: on the original it is the middle ~70 % that was cropped.
+    expect(first.locator(".match-box")).to_have_count(2)
+    box = first.locator(".boxed").nth(1).locator(".match-box")
+    left = float(box.evaluate("b => parseFloat(b.style.left)"))
+    box_width = float(box.evaluate("b => parseFloat(b.style.width)"))
+    assert abs(left - 15) < 5 and abs(box_width - 70) < 8
+    page.screenshot(path=str(tmp_path / "copies.png"))
+
+    # A non-image: the API's message, and the search results underneath are left alone.
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("not a picture\n")
+    with page.expect_response(lambda r: urlparse(r.url).path == "/lookup") as response:
+        page.set_input_files("#copies-file", not_an_image)
+    assert response.value.status == 415
+    expect(page.locator("#copies-status")).to_have_attribute("data-state", "error")
+    expect(page.locator("#copies-status")).to_have_text(response.value.json()["detail"])
+    page.click("#copies-close")
+    expect(page.locator("#copies")).to_be_hidden()
