@@ -1,3 +1,5 @@
+# FAISS's type stubs know Index but not the IVF attributes, InvertedLists methods or SWIG ownership used here:
+# mypy: disable-error-code="attr-defined,union-attr,assignment,arg-type,list-item,return-value"
 """An IVF index larger than RAM: shards built apart, merged into memory-mapped inverted lists, searched by fan-out.
 
 The life of a large index:
