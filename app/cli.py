@@ -413,6 +413,52 @@ def dupes(under: Path | None, min_verdict: str, neighbours: int, as_json: bool, 
         click.echo(f"  skipped unreadable: {path}: {reason}")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--measure",
+    "measure",
+    multiple=True,
+    metavar="MODEL",
+    help="Also time this architecture here with random weights (repeatable; 'catalog': every listed one).",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024), help="Images per call.")
+@handle_errors
+def models(as_json: bool, measure: tuple[str, ...], batch_size: int) -> None:
+    """Recommended models: published quality, download size, speed here, and how to switch."""
+    from app.models_catalog import CATALOG, HOW_TO_SWITCH, MEASURED_ON, SOURCE, measure_speed, table_lines
+
+    names = [m.name for m in CATALOG] if "catalog" in measure else list(dict.fromkeys(measure))
+    measured: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            measured.append(asdict(measure_speed(name, batch_size=batch_size)))
+        except Exception as exc:  # one architecture that cannot be built offline must not hide the others
+            measured.append({"model": name, "error": f"{exc.__class__.__name__}: {exc}"})
+    if as_json:
+        payload = {
+            "models": [m.as_dict() for m in CATALOG],
+            "source": SOURCE,
+            "measured_on": MEASURED_ON,
+            "how_to_switch": HOW_TO_SWITCH,
+            "measured_now": measured,
+        }
+        click.echo(json.dumps(payload, indent=2))
+        return
+    for line in table_lines():
+        click.echo(line)
+    if measured:
+        click.echo("\nmeasured now (random weights, CPU):")
+        for row in measured:
+            if "error" in row:
+                click.echo(f"  {row['model']}: could not measure: {row['error']}")
+            else:
+                click.echo(
+                    f"  {row['model']}: {row['params_millions']:.1f}M params, {row['images_per_second']:.1f} img/s "
+                    f"(batch {row['batch_size']}), text {row['text_ms']:.1f} ms/query"
+                )
+
+
 from app.cli_eval import eval_group  # noqa: E402
 
 main.add_command(eval_group)
