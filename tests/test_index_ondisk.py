@@ -206,3 +206,32 @@ def test_merge_topk_orders_by_score_and_keeps_empty_slots_last() -> None:
     np.testing.assert_allclose(scores, [[0.9, 0.7, 0.6, 0.5]])
     _, ids = merge_topk([a, (np.full((1, 3), -1.0, np.float32), np.full((1, 3), -1))], 4)
     np.testing.assert_array_equal(ids, [[1, 2, -1, -1]])
+
+
+def test_the_search_service_answers_from_an_on_disk_index_unchanged(settings, store, tiny_encoder, photos) -> None:
+    """Index real photos, rebuild the index as on-disk shards, and the service's text and similar-image searches
+    return what the exact index returned (all lists probed, so only the 8-bit codes can differ)."""
+    from app.search import SearchService
+    from indexer import Indexer
+
+    Indexer(settings, store, tiny_encoder, progress=False).run([photos[0].parent])
+    service = SearchService(settings, tiny_encoder, store)
+    service.load_index()
+    exact_text = [hit.id for hit in service.search_text("a photo of a dog", k=5)]
+    first = exact_text[0]
+    exact_similar = [hit.id for hit in service.similar(first, k=5)]
+
+    ids, vectors = (np.concatenate(parts) for parts in zip(*store.iter_vectors(tiny_encoder.spec.name), strict=True))
+    template = train_template(vectors, 4)
+    part = build_part(template, ids[::2], vectors[::2], settings.index_dir / "part-a.faiss")
+    other = build_part(template, ids[1::2], vectors[1::2], settings.index_dir / "part-b.faiss")
+    names = [merge_parts(template, [p], settings.index_dir, f"shard-{n}") for n, p in enumerate((part, other))]
+    spec = tiny_encoder.spec
+    commit_shards(settings.index_dir, names, model=spec.name, pretrained=spec.pretrained)
+
+    assert service.refresh_if_changed()  # the new manifest is picked up like any other index
+    assert isinstance(service._require_index(), OnDiskIndex)
+    service._require_index().nprobe = 4
+    assert service.index_count == len(ids)
+    assert [hit.id for hit in service.search_text("a photo of a dog", k=5)][:3] == exact_text[:3]
+    assert [hit.id for hit in service.similar(first, k=5)][:3] == exact_similar[:3]
