@@ -186,10 +186,14 @@ def test_an_interrupted_job_resumes_with_only_the_missing_partitions(
     assert resumed.index_count == PHOTOS
 
 
-def test_an_fsspec_memory_filesystem_is_a_source(
-    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_encoder: Encoder
-) -> None:
+def test_the_index_command_ingests_an_fsspec_memory_filesystem_and_reuses_known_contents(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, instrument_model_dir: Path,
+    instrument_encoder: Encoder,
+) -> None:  # fmt: skip
     import fsspec
+    from click.testing import CliRunner
+
+    from app.cli import main
 
     memory = fsspec.filesystem("memory")
     names = ["photo_000.jpg", "photo_001.jpg", "photo_002.jpg", "broken.jpg"]
@@ -197,41 +201,25 @@ def test_an_fsspec_memory_filesystem_is_a_source(
         memory.pipe(f"/ray-test/album/{name}", (catalog_dir / name).read_bytes())
     memory.pipe("/ray-test/album/.hidden/photo_009.jpg", (catalog_dir / "photo_009.jpg").read_bytes())
     memory.pipe("/ray-test/album/notes.txt", b"not listed")
+    args = ["--data-dir", str(fresh.settings.data_dir), "--model", f"local-dir:{instrument_model_dir}", "--quiet"]
     try:
-        summary = _ray_indexer(fresh, instrument_encoder).run(["memory://ray-test/album"])
+        result = CliRunner().invoke(main, ["index", "--engine", "ray", "memory://ray-test/album", *args])
+        assert result.exit_code == 0, result.output
+        assert "added 3, updated 0, unchanged 0, reused 0, removed 0, failed 1" in result.output
+        assert "ray: 1 partitions (1 computed, 0 from saved shards)" in result.output
+        assert "failed: memory:///ray-test/album/broken.jpg: not a recognised image format" in result.output
+        got = fresh.vectors(instrument_encoder.spec.name)
+        local = local_catalog.vectors(instrument_encoder.spec.name)
+        _assert_same_vectors(got, {f"memory:///ray-test/album/{n}": local[str(catalog_dir / n)] for n in names[:3]})
+
+        # A copy under a new name reuses the stored vector: its content hash is known, the model is not called.
+        memory.pipe("/ray-test/album/copy_of_000.jpg", (catalog_dir / "photo_000.jpg").read_bytes())
+        again = CliRunner().invoke(main, ["index", "--engine", "ray", "memory://ray-test/album", *args])
+        assert again.exit_code == 0, again.output
+        assert "added 0, updated 0, unchanged 4, reused 1, removed 0, failed 0" in again.output
+        assert "embedded 0 images" in again.output
     finally:
         memory.rm("/ray-test", recursive=True)
-    assert (summary.added, summary.embedded, summary.failed) == (3, 3, 1)
-    assert summary.failures[0][0] == "memory:///ray-test/album/broken.jpg"
-    got = fresh.vectors(instrument_encoder.spec.name)
-    local = local_catalog.vectors(instrument_encoder.spec.name)
-    expected = {f"memory:///ray-test/album/{n}": local[str(catalog_dir / n)] for n in names[:3]}
-    _assert_same_vectors(got, expected)
 
-
-def test_the_index_command_runs_the_ray_engine(
-    ray_session: None, fresh: Catalog, catalog_dir: Path, instrument_model_dir: Path, tmp_path: Path
-) -> None:
-    from click.testing import CliRunner
-
-    from app.cli import main
-
-    folder = tmp_path / "few"
-    folder.mkdir()
-    for name in ("photo_004.jpg", "photo_005.jpg", "broken.jpg"):
-        (folder / name).write_bytes((catalog_dir / name).read_bytes())
-    args = ["--data-dir", str(fresh.settings.data_dir), "--model", f"local-dir:{instrument_model_dir}", "--quiet"]
-    result = CliRunner().invoke(main, ["index", "--engine", "ray", str(folder), *args])
-    assert result.exit_code == 0, result.output
-    assert "added 2, updated 0, unchanged 0, reused 0, removed 0, failed 1" in result.output
-    assert "ray: 1 partitions (1 computed, 0 from saved shards)" in result.output
-
-    # A copy under a new name reuses the stored vector: its content hash is known, the model is not called.
-    (folder / "copy_of_004.jpg").write_bytes((folder / "photo_004.jpg").read_bytes())
-    again = CliRunner().invoke(main, ["index", "--engine", "ray", str(folder), *args])
-    assert again.exit_code == 0, again.output
-    assert "added 0, updated 0, unchanged 3, reused 1, removed 0, failed 0" in again.output
-    assert "embedded 0 images" in again.output
-
-    refused = CliRunner().invoke(main, ["index", "memory://photos", *args])
+    refused = CliRunner().invoke(main, ["index", "memory://ray-test/album", *args])
     assert refused.exit_code == 2 and "URLs need --engine ray" in refused.output
