@@ -4,11 +4,12 @@ A look-up runs in stages; ``app.dupes`` holds the pure parts, this module the ca
 
 1. candidates: the query's CLIP nearest neighbours in the vector index, its perceptual-hash neighbours (a
    HashIndex over the hashes the indexer stored, searched with the query and its mirror image), and the images
-   sharing most ORB descriptors with it (a FeatureIndex, built in the background: these find the crops, borders
-   and overlays that hashes miss, with any CLIP model);
-2. verification: each candidate is decoded from its file and prepared once (hashes, ORB keypoints, a grey
-   thumbnail; kept in a bounded LRU), then compared with the query: hash distances, geometric verification with
-   local features, pixel agreement of the aligned images;
+   sharing most ORB descriptors with it (a FeatureIndex that `clipsearch index` stores under data_dir/dupes with
+   every image's prepared features, app.dupes.cache; the server maps both and prepares in the background only
+   what they lack; these find the crops, borders and overlays that hashes miss, with any CLIP model);
+2. verification: each candidate's prepared features (hashes, ORB keypoints, a grey thumbnail) come from that
+   cache, or else from its file (kept in a bounded LRU either way), and are compared with the query: hash
+   distances, geometric verification with local features, pixel agreement of the aligned images;
 3. a verdict per candidate (exact, near_duplicate, similar, different) by the thresholds of the dupe_* settings.
 
 ``find_groups`` does the same for every image of the catalog and joins the verified copies into groups: burst
@@ -54,6 +55,7 @@ from app.dupes.cache import (
     CacheError,
     FeatureStore,
     features_path,
+    file_stamp,
     merge_features,
     read_shortlist,
     shortlist_path,
@@ -301,6 +303,8 @@ class FeatureSync:
     dropped: int = 0
     written: bool = False
     seconds: float = 0.0
+    #: the version of the shortlist file this index matches (file_stamp)
+    shortlist_stamp: tuple[int, int, int] | None = None
 
     def line(self) -> str:
         return (
@@ -358,8 +362,12 @@ def sync_features(
     wanted = {image_id: content_key(record) for image_id, record in records.items()}
 
     features = current.features if current is not None else None
-    if features is None:
-        features = _load_features(features_file) if features_file is not None else FeatureStore.empty()
+    if features_file is not None and (features is None or file_stamp(features_file) != features.stamp):
+        # First start, or `clipsearch index` replaced the file since: what it prepared need not be prepared here.
+        on_disk = _load_features(features_file)
+        features = on_disk if len(on_disk) or features is None else features
+    elif features is None:
+        features = FeatureStore.empty()
     todo: dict[str, ImageRecord] = {}
     for image_id, key in wanted.items():
         if key not in features and key not in todo:
@@ -392,8 +400,9 @@ def sync_features(
 
     held = {image_id: key for image_id, key in wanted.items() if key in features}
     loaded = (current.index, current.keys, current.built_size) if current is not None else None
-    if loaded is None and shortlist_file is not None:
-        loaded = _load_shortlist(shortlist_file)
+    stamp = file_stamp(shortlist_file) if shortlist_file is not None else None
+    if shortlist_file is not None and stamp is not None and (current is None or stamp != current.shortlist_stamp):
+        loaded = _load_shortlist(shortlist_file) or loaded
     changed = False
     if loaded is None or len(held) > rebuild_growth * max(loaded[2], 64):
         ids = list(held)
@@ -414,10 +423,12 @@ def sync_features(
     if changed and shortlist_file is not None:
         try:
             write_shortlist(shortlist_file, index, keys, built_size)
+            stamp = file_stamp(shortlist_file)
             written = True
         except OSError as exc:
             log.warning("could not write the shortlist cache %s (%s): keeping it in memory", shortlist_file, exc)
-    return FeatureSync(features, index, keys, built_size, len(new), dropped, written, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return FeatureSync(features, index, keys, built_size, len(new), dropped, written, seconds, stamp)
 
 
 def _descriptors(features: FeatureStore, key: str) -> np.ndarray:

@@ -250,3 +250,24 @@ def test_merging_keeps_stored_images_byte_for_byte(tmp_path: Path, shared_data: 
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(row_a, row_b, strict=True))
     only_b = merge_features(path, both, ["b"], {})
     assert only_b.shas() == ["b"] and only_b.get("a") is None
+
+
+def test_a_running_server_takes_the_features_a_later_index_run_stored(
+    indexed: tuple[Settings, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, photos = indexed
+    folder = photos[0].parent
+    served = settings.with_overrides(dupe_feature_candidates=3)
+    for catalog in open_catalog(served, photos):
+        catalog.dupes.start()
+        assert catalog.dupes.features.wait(timeout=60) and len(catalog.dupes.features) == CATALOG
+        with Image.open(photos[0]) as image:
+            width, height = image.size
+            image.crop((width // 10, height // 10, width * 9 // 10, height * 9 // 10)).save(folder / "copy.jpg")
+        cli_index(settings, folder)  # prepares copy.jpg and stores it
+        counter = PrepareCounter(monkeypatch)
+        report = catalog.dupes.lookup_bytes(edited_copies(photos[0])["flip"])  # notices the new index
+        assert catalog.dupes.features.wait(timeout=60) and len(catalog.dupes.features) == CATALOG + 1
+        report = catalog.dupes.lookup_bytes(edited_copies(photos[0])["crop_70"])
+        assert "copy.jpg" in [Path(m.path).name for m in report.matches]
+        assert counter.calls == 0 and catalog.dupes.features.prepared_here == 0

@@ -34,7 +34,7 @@ Hashes (what the store keeps per image: ``dataclasses.asdict(h)`` keys are ``HAS
     HashIndex(): .add(ids, hashes) .remove(ids) .get(id) .range_search(query: ImageHashes, radius) .search(query, k)
         -> list[HashNeighbour(id, distances)]  (queried with the query's normal and mirror hashes)
 
-Local-feature shortlist (in memory; rebuild it from stored PreparedImages at start-up)::
+Local-feature shortlist (in memory; ``app.dupes.cache`` keeps it and the prepared catalog images on disk)::
 
     FeatureIndex.build(ids, prepared) -> FeatureIndex; .add(ids, prepared) .remove(ids)
     FeatureIndex.search(query: PreparedImage, k, min_votes=1) -> list[FeatureHit(id, votes, mirrored)]

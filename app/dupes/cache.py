@@ -79,6 +79,15 @@ def shortlist_path(data_dir: Path) -> Path:
     return cache_dir(data_dir) / f"shortlist-{params_key()}.bin"
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file, None when there is none: os.replace gives a new stamp."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 # --- the container -------------------------------------------------------------------------------
 
 
@@ -153,6 +162,8 @@ class FeatureStore:
 
     def __init__(self, shas: list[str], arrays: Mapping[str, np.ndarray], path: Path | None = None) -> None:
         self.path = path
+        #: which version of the file this is (file_stamp), to notice that another process replaced it
+        self.stamp = file_stamp(path) if path is not None else None
         self._row = {sha: row for row, sha in enumerate(shas)}
         self._a = arrays
 
