@@ -233,6 +233,8 @@ def test_arrays_come_back_memory_mapped_and_a_truncated_file_is_refused(tmp_path
     with pytest.raises(CacheError, match="truncated"):
         read_arrays(path)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    write_arrays(path, {"kind": "test"}, arrays)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
 
 
 def test_merging_keeps_stored_images_byte_for_byte(tmp_path: Path, shared_data: Path) -> None:

@@ -112,6 +112,7 @@ def write_arrays(path: Path, header: Mapping[str, Any], arrays: Mapping[str, np.
                 out.write(array.tobytes())
             out.truncate(start + offset)
             out.flush()
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide the cache from a server run as another user
             os.fsync(out.fileno())
         os.replace(temporary, path)
     except BaseException:
