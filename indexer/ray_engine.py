@@ -353,7 +353,14 @@ class RayIndexer:
         owns_ray = not ray.is_initialized()
         if owns_ray:
             options = {} if self.address else local_ray_options()
-            ray.init(address=self.address, **{**options, **self.ray_options})
+            try:
+                ray.init(address=self.address, **{**options, **self.ray_options})
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+                raise ClipSearchError(
+                    f"cannot start or reach {where}: {exc} (check --ray-address, or start a cluster with "
+                    "'ray start --head')"
+                ) from exc
         try:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = self.progress
@@ -387,8 +394,14 @@ class RayIndexer:
                 num_cpus=embed_cpus,
             )
             log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
-            for row in dataset.iter_rows():
-                yield str(row["partition"]), bytes(row["shard"])
+            try:
+                for row in dataset.iter_rows():
+                    yield str(row["partition"]), bytes(row["shard"])
+            except ray.exceptions.RayError as exc:
+                raise ClipSearchError(
+                    f"the Ray job failed: {exc}\nFinished partitions are saved: fix the cause and run the same "
+                    "command again to finish."
+                ) from exc
         finally:
             if owns_ray:
                 ray.shutdown()

@@ -14,6 +14,7 @@ import ray
 
 from app.config import Settings
 from app.encoder import Encoder
+from app.errors import ClipSearchError
 from app.search import SearchService
 from app.store import ImageStatus, Store
 from indexer import Indexer
@@ -223,3 +224,19 @@ def test_the_index_command_ingests_an_fsspec_memory_filesystem_and_reuses_known_
 
     refused = CliRunner().invoke(main, ["index", "memory://ray-test/album", *args])
     assert refused.exit_code == 2 and "URLs need --engine ray" in refused.output
+
+
+def test_a_failing_job_stops_with_a_message_that_says_what_to_do(
+    ray_session: None, fresh: Catalog, catalog_dir: Path, instrument_encoder: Encoder
+) -> None:
+    class BrokenEmbedder(EmbedPartitions):
+        def __init__(self, settings: Settings) -> None:
+            self.settings = settings  # no model: it fails before it would be used
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            raise RuntimeError("no such model on this worker")
+
+    with pytest.raises(ClipSearchError, match="no such model on this worker") as failure:
+        _ray_indexer(fresh, instrument_encoder, embedder=BrokenEmbedder).run([catalog_dir])
+    assert "run the same command again" in str(failure.value)
+    assert fresh.store.counts().get(ImageStatus.INDEXED.value, 0) == 0
