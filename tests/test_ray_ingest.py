@@ -18,7 +18,10 @@ from app.errors import ClipSearchError
 from app.search import SearchService
 from app.store import ImageStatus, Store
 from indexer import Indexer
-from indexer.ray_engine import EmbedPartitions, RayIndexer, RayIndexSummary, local_ray_options
+from indexer.pipeline import Plan
+from indexer.ray_engine import EmbedPartitions, RayIndexer, RayIndexSummary, local_ray_options, make_partitions
+from indexer.sources import modified_time
+from indexer.walk import FileInfo
 from tests.helpers import copy_photos
 
 PHOTOS = 24
@@ -240,3 +243,32 @@ def test_a_failing_job_stops_with_a_message_that_says_what_to_do(
         _ray_indexer(fresh, instrument_encoder, embedder=BrokenEmbedder).run([catalog_dir])
     assert "run the same command again" in str(failure.value)
     assert fresh.store.counts().get(ImageStatus.INDEXED.value, 0) == 0
+
+
+def _plan(files: list[FileInfo]) -> Plan:
+    return Plan(todo=files, states={}, hash_only=set(), known_shas=set())
+
+
+def test_partitions_keep_their_ids_when_committed_ones_leave_and_change_with_their_files() -> None:
+    files = [FileInfo(f"/photos/{i:03d}.jpg", 1000 + i, 1.5e9 + i) for i in range(20)]
+    first = make_partitions(_plan(files), "model-a", 8)
+    assert [len(p.files) for p in first] == [8, 8, 4]
+    assert make_partitions(_plan(list(reversed(files))), "model-a", 8) == first  # the listing order does not matter
+
+    left = [f for f in files if f not in first[1].files]  # the middle partition was committed
+    assert [p.id for p in make_partitions(_plan(left), "model-a", 8)] == [first[0].id, first[2].id]
+
+    touched = [FileInfo(f.path, f.size, f.mtime + 1) if f.path.endswith("017.jpg") else f for f in files]
+    assert [p.id for p in make_partitions(_plan(touched), "model-a", 8)][:2] == [first[0].id, first[1].id]
+    assert make_partitions(_plan(touched), "model-a", 8)[2].id != first[2].id
+    assert {p.id for p in make_partitions(_plan(files), "model-b", 8)}.isdisjoint({p.id for p in first})
+
+
+def test_listing_times_of_object_stores_become_seconds() -> None:
+    from datetime import UTC, datetime
+
+    stamp = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert modified_time({"LastModified": stamp}) == stamp.timestamp()  # S3
+    assert modified_time({"updated": "2026-01-02T03:04:05Z"}) == stamp.timestamp()  # GCS
+    assert modified_time({"mtime": 12.5}) == 12.5  # local
+    assert modified_time({"size": 3}) == 0.0
