@@ -20,7 +20,7 @@ from app.dupes import ImageHashes
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
-from app.index import FLAT, VectorIndex, choose_kind
+from app.index import FLAT, VectorIndex, choose_kind, nlist_for, training_size_for
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
@@ -467,13 +467,13 @@ class Indexer:
     def _build_from_store(self, kind: str, expected: int) -> VectorIndex:
         training = None
         if kind != FLAT:
-            training = self._training_sample(expected)
-        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe)
+            training = self._training_sample(expected, training_size_for(nlist_for(expected)))
+        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe, count=expected)
         for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
             index.add(chunk_ids, vectors)
         return index
 
-    def _training_sample(self, expected: int, size: int = 100_000) -> np.ndarray:
+    def _training_sample(self, expected: int, size: int) -> np.ndarray:
         """A uniform random sample of the stored vectors (fixed seed) to train IVF centroids on."""
         rng = np.random.default_rng(0)
         keep = min(1.0, size / max(expected, 1))
