@@ -22,8 +22,8 @@ SOURCE = (
     "open_clip docs: openclip_classification_results.csv, openclip_retrieval_results.csv, "
     "openclip_multilingual_retrieval_results.csv (CLIP_benchmark)"
 )
-#: Where and when the stored speeds were measured (random weights, CPU, float32).
-MEASURED_ON = "2026-11-23, Intel Xeon CPU, 2 threads, torch 2.14.1 (clipsearch models --measure)"
+#: Where and when the stored speeds were measured (random weights, CPU, float32); none are stored yet.
+MEASURED_ON = "not measured yet: run clipsearch models --measure catalog on a quiet machine and store the figures here"
 
 
 @dataclass(frozen=True)
