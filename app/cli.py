@@ -292,7 +292,7 @@ def tags(
                 listed = ", ".join(f"{t['label']} {t['score']:.2f}" for t in out[kind.value]) or "none"
                 click.echo(f"  {title}: {listed}")
             return
-        model = ModelSpec.from_settings(settings).name
+        model = ModelSpec.from_settings(settings).store_key
         counts = {kind: store.label_counts(kind, model=model) for kind in TagKind}
         if include_unused:
             for kind in TagKind:

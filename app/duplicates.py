@@ -840,7 +840,7 @@ class DupeService:
 
     def _catalog_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         id_chunks, vector_chunks = [], []
-        for chunk_ids, chunk_vectors in self.store.iter_vectors(self.search.spec.name):
+        for chunk_ids, chunk_vectors in self.store.iter_vectors(self.search.spec.store_key):
             id_chunks.append(chunk_ids)
             vector_chunks.append(chunk_vectors)
         if not id_chunks:

@@ -47,6 +47,12 @@ class ModelSpec:
         return cls(name=name, pretrained=pretrained)
 
     @property
+    def store_key(self) -> str:
+        """The model column of the store's rows: the architecture and its weights, so that changing only
+        CLIPSEARCH_PRETRAINED re-embeds the catalog instead of mixing two embedding spaces."""
+        return f"{self.name}|{self.pretrained}" if self.pretrained else self.name
+
+    @property
     def label(self) -> str:
         return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
 

@@ -498,7 +498,7 @@ class SearchService:
             reason = self._problem or "no index loaded yet: run 'clipsearch index PATH' first"
             return Readiness(False, reason, None)
         try:
-            images = self.store.count_indexed(self.spec.name)
+            images = self.store.count_indexed(self.spec.store_key)
         except SQLAlchemyError as exc:
             return Readiness(False, f"the metadata store is unreachable ({self.store.safe_url}): {exc}", None)
         return Readiness(True, None, self._manifest, images)
@@ -714,11 +714,11 @@ class SearchService:
             cached = self._background
             if cached is not None and cached[0] is index:
                 return cached[1]
-            count = self.store.count_indexed(self.spec.name)
+            count = self.store.count_indexed(self.spec.store_key)
             stride = max(1, math.ceil(count / CUTOFF_SAMPLE_SIZE))
             chunks: list[np.ndarray] = []
             seen = 0
-            for _, vectors in self.store.iter_vectors(self.spec.name):
+            for _, vectors in self.store.iter_vectors(self.spec.store_key):
                 positions = np.arange(seen, seen + len(vectors))
                 chunks.append(vectors[positions % stride == 0])
                 seen += len(vectors)
@@ -749,7 +749,7 @@ class SearchService:
     def label_counts(self, kind: TagKind, *, include_unused: bool = False) -> dict[str, int]:
         """Label -> images of the catalog carrying it, most first; with ``include_unused``, followed by the
         configured vocabulary's labels that no image carries (count 0)."""
-        counts = self.store.label_counts(kind, model=self.spec.name)
+        counts = self.store.label_counts(kind, model=self.spec.store_key)
         if include_unused:
             for name in label_names(self.tagging, kind):
                 counts.setdefault(name, 0)

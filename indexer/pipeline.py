@@ -200,7 +200,7 @@ class Indexer:
         self.store = store
         self.encoder = encoder
         self.progress = progress
-        self.model_key = encoder.spec.name
+        self.model_key = encoder.spec.store_key
         self.draft_size = model_draft_size(encoder.image_size)
         # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
         self.tagging = TaggingPlan.from_settings(settings)

@@ -129,7 +129,7 @@ class EmbedPartitions:
             for start in range(0, len(with_pixels), size):
                 vectors[start : start + size] = embed_batch(self.encoder, with_pixels[start : start + size])
             out_ids.append(partition_id)
-            out_shards.append(shard_bytes(str(partition_id), self.encoder.spec.name, items, vectors))
+            out_shards.append(shard_bytes(str(partition_id), self.encoder.spec.store_key, items, vectors))
         return {"partition": np.array(out_ids), "shard": np.array(out_shards, dtype=object)}
 
 

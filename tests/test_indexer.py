@@ -143,6 +143,30 @@ def test_changing_the_model_re_embeds_everything(
     assert read_manifest(settings.index_dir).model == other.spec.name
 
 
+def test_changing_only_the_pretrained_weights_re_embeds_everything(
+    settings: Settings, store: Store, photos: list[Path], tmp_path: Path
+) -> None:
+    """Same architecture, other weights (CLIPSEARCH_PRETRAINED): the stored vectors belong to the old weights and
+    must not be reused or served under the new ones."""
+    from app.search import SearchService
+    from tests.helpers import register_tiny_architecture, save_checkpoint
+
+    name = register_tiny_architecture(tmp_path / "arch", "clipsearch-test-tiny-pretrained")
+    first = settings.with_overrides(model=name, pretrained=str(save_checkpoint(tmp_path / "a.pt", seed=0)))
+    second = settings.with_overrides(model=name, pretrained=str(save_checkpoint(tmp_path / "b.pt", seed=1)))
+    first_encoder, second_encoder = Encoder.from_settings(first), Encoder.from_settings(second)
+    assert first_encoder.spec.store_key != second_encoder.spec.store_key
+    _indexer(first, store, first_encoder).run([photos[0].parent])
+    photo_id = store.file_states()[str(photos[0])].id
+    before = store.vector(photo_id)
+    summary = _indexer(second, store, second_encoder).run([photos[0].parent])
+    assert summary.embedded == 24 and summary.reused == 0 and summary.index_rebuilt
+    assert read_manifest(settings.index_dir).pretrained == second_encoder.spec.pretrained
+    assert float(np.abs(store.vector(photo_id) - before).max()) > 1e-3  # new weights, new vectors
+    service = SearchService(second, second_encoder, store)
+    assert service.load_index().count == 24
+
+
 def _write_bad_files(folder: Path) -> dict[str, str]:
     """Each awkward file with the word its failure reason must contain ('' when it must index fine)."""
     folder.mkdir(parents=True, exist_ok=True)
