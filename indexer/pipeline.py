@@ -170,23 +170,25 @@ def embed_batch(encoder: Encoder, batch: list[Prepared]) -> np.ndarray:
     return encoder.encode_pixels(torch.stack([item.pixels for item in batch]))  # type: ignore[misc]
 
 
+def indexed_result(item: Prepared, vector: np.ndarray | None = None) -> ImageResult:
+    """The store row of a prepared, decodable file; without ``vector`` the stored vector is left as it is."""
+    return ImageResult(
+        path=item.info.path,
+        size=item.info.size,
+        mtime=item.info.mtime,
+        sha256=item.sha256,
+        status=ImageStatus.INDEXED,
+        width=item.width,
+        height=item.height,
+        format=item.format,
+        vector=vector,
+        hashes=item.hashes,
+    )
+
+
 def embedded_results(batch: list[Prepared], vectors: np.ndarray) -> list[ImageResult]:
     """Store rows for prepared files and the vectors the model gave them."""
-    return [
-        ImageResult(
-            path=item.info.path,
-            size=item.info.size,
-            mtime=item.info.mtime,
-            sha256=item.sha256,
-            status=ImageStatus.INDEXED,
-            width=item.width,
-            height=item.height,
-            format=item.format,
-            vector=vector,
-            hashes=item.hashes,
-        )
-        for item, vector in zip(batch, vectors, strict=True)
-    ]
+    return [indexed_result(item, vector) for item, vector in zip(batch, vectors, strict=True)]
 
 
 BatchCallback = Callable[[int], None]
@@ -364,19 +366,7 @@ class Indexer:
         for item in items:
             if item.hash_only:
                 if item.hashes is not None:  # else leave the indexed row as it is (its decode failed now)
-                    results.append(
-                        ImageResult(
-                            path=item.info.path,
-                            size=item.info.size,
-                            mtime=item.info.mtime,
-                            sha256=item.sha256,
-                            status=ImageStatus.INDEXED,
-                            width=item.width,
-                            height=item.height,
-                            format=item.format,
-                            hashes=item.hashes,
-                        )  # fmt: skip
-                    )
+                    results.append(indexed_result(item))
                 continue
             source = reusable.get(item.sha256 or "") if item.reusable else None
             if item.reusable and source is None:

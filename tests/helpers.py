@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,15 @@ def copy_caltech(dest: Path, per_class: int = 3, classes: dict[str, str] | None 
             shutil.copy2(source, target)
             out[target] = tag
     return out
+
+
+def embedding_fidelity(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """Mean cosine between matching rows of two unit-vector sets, and the mean overlap of each row's top-``k``
+    neighbours (itself excluded) under the two: how faithful a fast path is to the reference path."""
+    cosine = float(np.mean(np.sum(reference * candidate, axis=1)))
+    ref, cand = reference @ reference.T, candidate @ candidate.T
+    np.fill_diagonal(ref, -np.inf)
+    np.fill_diagonal(cand, -np.inf)
+    ref_top, cand_top = np.argsort(-ref, axis=1)[:, :k], np.argsort(-cand, axis=1)[:, :k]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top, strict=True)]))
+    return cosine, overlap

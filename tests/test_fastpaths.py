@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from app.encoder import Encoder, ModelSpec
+from tests.helpers import embedding_fidelity
 
 QUERIES = [
     "dog",
@@ -53,16 +54,6 @@ def test_towers_without_a_causal_mask_fall_back_to_the_full_pass(tiny_encoder: E
     assert tiny_encoder.supports_truncated_text
 
 
-def _fidelity(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> tuple[float, float]:
-    cosine = float(np.mean(np.sum(reference * candidate, axis=1)))
-    ref, cand = reference @ reference.T, candidate @ candidate.T
-    np.fill_diagonal(ref, -np.inf)
-    np.fill_diagonal(cand, -np.inf)
-    ref_top, cand_top = np.argsort(-ref, axis=1)[:, :k], np.argsort(-cand, axis=1)[:, :k]
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top, strict=True)]))
-    return cosine, overlap
-
-
 @pytest.mark.slow
 def test_draft_decoding_keeps_embeddings_and_neighbours_of_the_trained_model(
     instrument_encoder: Encoder, shared_data
@@ -80,6 +71,6 @@ def test_draft_decoding_keeps_embeddings_and_neighbours_of_the_trained_model(
         images = [decode_image(d, max_pixels=10**9, draft_size=draft_size).image for d in datas]
         return instrument_encoder.encode_images(images, batch_size=64)
 
-    cosine, overlap = _fidelity(embed(None), embed(draft))
+    cosine, overlap = embedding_fidelity(embed(None), embed(draft))
     assert len(paths) >= 280
     assert cosine >= 0.999 and overlap >= 0.98, (cosine, overlap)

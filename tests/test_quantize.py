@@ -22,6 +22,7 @@ from app.quantize import (
     set_cpu_threads,
     swap_self_attention,
 )
+from tests.helpers import embedding_fidelity
 
 QUERIES = [
     "a dog",
@@ -35,16 +36,6 @@ QUERIES = [
     "a close-up of a sunflower",
     "a face",
 ]
-
-
-def _fidelity(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> tuple[float, float]:
-    cosine = float(np.mean(np.sum(reference * candidate, axis=1)))
-    ref, cand = reference @ reference.T, candidate @ candidate.T
-    np.fill_diagonal(ref, -np.inf)
-    np.fill_diagonal(cand, -np.inf)
-    ref_top, cand_top = np.argsort(-ref, axis=1)[:, :k], np.argsort(-cand, axis=1)[:, :k]
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top, strict=True)]))
-    return cosine, overlap
 
 
 def _photos(data: Path, count: int = 200) -> list[bytes]:
@@ -140,7 +131,7 @@ def test_int8_keeps_the_trained_models_embeddings_and_neighbours(
     draft = model_draft_size(instrument_encoder.image_size)
     images = [decode_image(d, max_pixels=10**9, draft_size=draft).image for d in _photos(shared_data)]
     assert len(images) == 200
-    cosine, overlap = _fidelity(
+    cosine, overlap = embedding_fidelity(
         instrument_encoder.encode_images(images, batch_size=64), int8.encode_images(images, batch_size=64)
     )
     assert cosine >= 0.995 and overlap >= 0.95, (cosine, overlap)
