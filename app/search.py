@@ -704,7 +704,7 @@ class SearchService:
         return relevance_cutoff(background, candidates[0][1], kind).score
 
     def background_sample(self) -> np.ndarray:
-        """Up to CUTOFF_SAMPLE_SIZE catalog vectors, evenly spread over the store's ids, for the cut-off's
+        """About CUTOFF_SAMPLE_SIZE catalog vectors, evenly spread over the store's ids, for the cut-off's
         background. Works for any index kind (flat, IVF): read from the store once per loaded index, on first use."""
         index = self._require_index()
         cached = self._background
@@ -715,13 +715,9 @@ class SearchService:
             if cached is not None and cached[0] is index:
                 return cached[1]
             count = self.store.count_indexed(self.spec.store_key)
+            # Every stride-th id, picked by the database: only the sample's vectors are read, even at 1M.
             stride = max(1, math.ceil(count / CUTOFF_SAMPLE_SIZE))
-            chunks: list[np.ndarray] = []
-            seen = 0
-            for _, vectors in self.store.iter_vectors(self.spec.store_key):
-                positions = np.arange(seen, seen + len(vectors))
-                chunks.append(vectors[positions % stride == 0])
-                seen += len(vectors)
+            chunks = [vectors for _, vectors in self.store.iter_vectors(self.spec.store_key, stride=stride)]
             dim = self.encoder.dim
             sample = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, dim), np.float32)
             self._background = (index, sample)

@@ -338,9 +338,13 @@ class Store:
         with self._sessions() as session:
             return int(session.scalar(stmt) or 0)
 
-    def iter_vectors(self, model: str, chunk: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) of every indexed image, in chunks: the index is always rebuildable from here."""
+    def iter_vectors(
+        self, model: str, chunk: int = 10_000, *, stride: int = 1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every indexed image, in chunks: the index is always rebuildable from here.
+        ``stride`` > 1 keeps only ids divisible by it, chosen in the database (a cheap, evenly spread sample)."""
         last_id = 0
+        sampled = [ImageRow.id % stride == 0] if stride > 1 else []
         with self._sessions() as session:
             while True:
                 stmt = (
@@ -350,6 +354,7 @@ class Store:
                         ImageRow.model == model,
                         ImageRow.embedding.is_not(None),
                         ImageRow.id > last_id,
+                        *sampled,
                     )
                     .order_by(ImageRow.id)
                     .limit(chunk)

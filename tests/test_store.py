@@ -81,6 +81,15 @@ def test_iter_vectors_pages_through_indexed_rows_only(any_store_url: str) -> Non
         assert [len(c[0]) for c in chunks] == [10, 10, 4]
         all_ids = np.concatenate([c[0] for c in chunks])
         assert ids["/p/3.jpg"] not in all_ids and len(set(all_ids)) == 24
+        # a stride sample is chosen by the database: every 4th id, still only indexed rows, with their vectors
+        sampled = list(store.iter_vectors("m", chunk=3, stride=4))
+        sample_ids = np.concatenate([c[0] for c in sampled])
+        expected = sorted(i for i in all_ids if i % 4 == 0)
+        assert sorted(sample_ids) == expected and len(expected) == 5  # 4 of ids 1..25 is deleted
+        by_id = dict(zip(all_ids.tolist(), np.concatenate([c[1] for c in chunks]), strict=True))
+        for chunk_ids, vectors in sampled:
+            for i, v in zip(chunk_ids, vectors, strict=True):
+                np.testing.assert_array_equal(v, by_id[int(i)])
     finally:
         store.close()
 
