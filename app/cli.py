@@ -235,11 +235,17 @@ def stats(as_json: bool, show_failures: bool, **opts: Any) -> None:
 @handle_errors
 def serve(host: str, port: int, **opts: Any) -> None:
     """Run the search API and web UI under uvicorn."""
+    from app.preload import IndexPreload
+
+    settings = _settings(opts)
+    # Started before torch and the model are imported: the index is read meanwhile (see app.preload).
+    preload = IndexPreload(settings.index_dir, nprobe=settings.nprobe)
+
     import uvicorn
 
     from app.api import create_app
 
-    uvicorn.run(create_app(_settings(opts)), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, preload=preload), host=host, port=port, log_level="info")
 
 
 @main.command()

@@ -31,6 +31,7 @@ from app.encoder import Encoder, ModelSpec
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
+from app.preload import IndexPreload
 from app.store import ImageLabels, ImageRecord, ImageStatus, Store, StoredTag, TagKind
 from app.tagging import TaggingPlan, label_names
 
@@ -414,10 +415,12 @@ class SearchService:
         index = self._index
         return index.ntotal if index is not None else 0
 
-    def load_index(self) -> Manifest:
-        """Load (or reload) the index from the data dir. Raises NotReady / IndexMismatch."""
+    def load_index(self, preload: IndexPreload | None = None) -> Manifest:
+        """Load (or reload) the index from the data dir, or take it from ``preload`` when that read the
+        current one. Raises NotReady / IndexMismatch."""
         with self._swap_lock:
-            index, manifest = VectorIndex.load(
+            loaded = preload.take(model=self.spec.name, pretrained=self.spec.pretrained) if preload else None
+            index, manifest = loaded or VectorIndex.load(
                 self.settings.index_dir,
                 model=self.spec.name,
                 pretrained=self.spec.pretrained,
@@ -444,12 +447,12 @@ class SearchService:
         self.load_index()
         return True
 
-    def start(self) -> Readiness:
+    def start(self, preload: IndexPreload | None = None) -> Readiness:
         """Load the index if there is one; otherwise remember why not (queries answer NotReady)."""
         self._manifest_seen = self._manifest_signature()
         self._next_check = time.monotonic() + self.settings.index_check_seconds
         try:
-            self.load_index()
+            self.load_index(preload)
         except ClipSearchError as exc:
             self._problem = str(exc)
             log.warning("the service starts without an index: %s", exc)
@@ -816,13 +819,16 @@ class _LabelCache:
             self._labels.clear()
 
 
-def open_service(settings: Settings, *, require_index: bool = True) -> SearchService:
-    """Load the model, open the store and the index named by the settings."""
+def open_service(
+    settings: Settings, *, require_index: bool = True, preload: IndexPreload | None = None
+) -> SearchService:
+    """Load the model, open the store and the index named by the settings (from ``preload`` if given:
+    the index read meanwhile on a background thread)."""
     store = Store(settings.effective_database_url)
     try:
         service = SearchService(settings, Encoder.from_settings(settings), store)
         if require_index:
-            service.load_index()
+            service.load_index(preload)
     except BaseException:
         store.close()
         raise

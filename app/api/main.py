@@ -19,6 +19,7 @@ from app.api.limits import MULTIPART_OVERHEAD_BYTES, UploadLimitMiddleware
 from app.api.metrics import Metrics, MetricsMiddleware
 from app.config import Settings
 from app.duplicates import DupeService
+from app.preload import IndexPreload
 from app.search import SearchService, open_service
 from app.thumbnails import ThumbnailCache
 
@@ -52,15 +53,16 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new app with its own metrics registry; nothing loads until the lifespan starts."""
+def create_app(settings: Settings | None = None, *, preload: IndexPreload | None = None) -> FastAPI:
+    """A new app with its own metrics registry; nothing loads until the lifespan starts (but ``preload``,
+    the index already being read on a background thread, see app.preload)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading the model and reading the index block: do it on a worker thread.
-        service = await anyio.to_thread.run_sync(_open_service, settings)
+        service = await anyio.to_thread.run_sync(_open_service, settings, preload)
         app.state.service = service
         app.state.dupes = DupeService(settings, service)
         app.state.dupes.start()  # the local-feature index of the catalog is prepared in the background
@@ -110,9 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _open_service(settings: Settings) -> SearchService:
+def _open_service(settings: Settings, preload: IndexPreload | None) -> SearchService:
     service = open_service(settings, require_index=False)
-    readiness = service.start()
+    readiness = service.start(preload)
     if readiness.ready:
         log.info("ready: %s, %d images", service.spec.label, service.index_count)
     return service
