@@ -73,9 +73,15 @@ def main(verbose: int) -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @settings_options
 @click.option("--rebuild", is_flag=True, help="Rebuild the index from the store (no re-embedding).")
+@click.option(
+    "--compact",
+    is_flag=True,
+    help="Compact the on-disk index (ivf-ondisk) afterwards: drop every deleted vector, merge small shards. "
+    "Without PATHS: only that.",
+)
 @click.option("--retry-failed", is_flag=True, help="Try again files that failed before, even if unchanged.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -92,6 +98,7 @@ def main(verbose: int) -> None:
 def index(
     paths: tuple[str, ...],
     rebuild: bool,
+    compact: bool,
     retry_failed: bool,
     strict: bool,
     quiet: bool,
@@ -105,6 +112,8 @@ def index(
     from app.store import Store
     from indexer import Indexer
 
+    if not paths and not compact:
+        raise click.UsageError("give the folders (or URLs) to index as PATHS")
     if engine == "local" and any("://" in p for p in paths):
         raise click.UsageError("URLs need --engine ray (the local engine indexes folders on this machine)")
     if engine == "local" and (ray_address or ray_workers):
@@ -113,6 +122,9 @@ def index(
     store = Store(settings.effective_database_url)
     encoder = Encoder.from_settings(settings)
     progress = not quiet and sys.stderr.isatty()
+    if not paths:
+        click.echo(Indexer(settings, store, encoder, progress=progress).compact_index())
+        return
     try:
         if engine == "ray":
             from indexer.ray_engine import RayIndexer
@@ -123,7 +135,7 @@ def index(
             summary = ray_indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed)
         else:
             indexer = Indexer(settings, store, encoder, progress=progress)
-            summary = indexer.run([Path(p) for p in paths], rebuild=rebuild, retry_failed=retry_failed)
+            summary = indexer.run([Path(p) for p in paths], rebuild=rebuild, retry_failed=retry_failed, compact=compact)
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are saved; run the same command again to finish.", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -202,8 +214,12 @@ def stats(as_json: bool, show_failures: bool, **opts: Any) -> None:
     }
     try:
         manifest = read_manifest(settings.index_dir)
-        index_path = settings.index_dir / manifest.index_file
-        info["index"] = asdict(manifest) | {"bytes": index_path.stat().st_size}
+        files = [manifest.index_file]
+        if manifest.shards:
+            from app.index_ondisk import shard_files
+
+            files += [name for shard in manifest.shards for name in shard_files(shard)]
+        info["index"] = asdict(manifest) | {"bytes": sum((settings.index_dir / f).stat().st_size for f in files)}
     except (NotReady, ClipSearchError, OSError) as exc:
         info["index"] = None
         info["index_problem"] = str(exc)
@@ -218,8 +234,9 @@ def stats(as_json: bool, show_failures: bool, **opts: Any) -> None:
     if info["index"]:
         m = info["index"]
         click.echo(
-            f"index:    {m['count']} vectors, {m['dim']}-d, {m['index_type']}, {m['bytes'] / 1e6:.1f} MB, "
-            f"built {m['built_at']}"
+            f"index:    {m['count']} vectors, {m['dim']}-d, {m['index_type']}"
+            + (f" ({len(m['shards'])} shards)" if m["shards"] else "")
+            + f", {m['bytes'] / 1e6:.1f} MB, built {m['built_at']}"
         )
         click.echo(f"model:    {m['model']}" + (f" ({m['pretrained']})" if m["pretrained"] else ""))
     else:

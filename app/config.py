@@ -43,9 +43,10 @@ class Settings(BaseSettings):
     )
     model_cache_dir: Path | None = Field(default=None, description="Where downloaded weights are kept.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    inference: Literal["fp32", "int8"] = Field(
+    inference: Literal["fp32", "int8", "onnx", "onnx-int8"] = Field(
         default="fp32",
-        description="CPU inference: 'int8' quantises the model's linear layers (faster, cosine >= 0.995 to fp32).",
+        description="CPU inference: 'int8' quantises the model's linear layers (faster, cosine >= 0.995 to fp32); "
+        "'onnx' / 'onnx-int8' run ONNX Runtime on an export cached under data_dir/onnx (fp32 / int8).",
     )
     torch_threads: int = Field(
         default=0,
@@ -58,10 +59,34 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )
-    index_type: Literal["auto", "flat", "ivf-sq8"] = Field(
-        default="auto", description="auto: exact 'flat' below ivf_min_vectors, 'ivf-sq8' (approximate) above."
+    index_type: Literal["auto", "flat", "ivf-sq8", "ivf-ondisk"] = Field(
+        default="auto",
+        description="auto: exact 'flat' below ivf_min_vectors, 'ivf-sq8' (approximate, in memory) above, "
+        "'ivf-ondisk' (IVF-SQ8 lists in memory-mapped shard files) from ondisk_min_vectors.",
     )
     ivf_min_vectors: int = Field(default=200_000, ge=1, description="Catalog size from which auto picks IVF.")
+    # The in-memory IVF-SQ8 index took 675 B/vector of RSS at 512-d (codes, ids, the id hash table, list growth
+    # slack; measured at 200k), so 10M vectors are ~6.8 GB held whole by every serving process and by the indexer
+    # while it builds: a good share of a 16-32 GB server. Past that, the lists are mapped from disk instead.
+    ondisk_min_vectors: int = Field(
+        default=10_000_000, ge=1, description="Catalog size from which auto picks the on-disk index."
+    )
+    ondisk_part_vectors: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="On-disk builds fill parts of at most this many vectors (~0.5 GB each at 512-d) before merging.",
+    )
+    ondisk_max_small_shards: int = Field(
+        default=4,
+        ge=1,
+        description="An index run merges the shards under ondisk_part_vectors (its delta shards) beyond this many.",
+    )
+    ondisk_max_deleted: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="An index run rewrites a shard whose deleted (tombstoned) share exceeds this.",
+    )
     nprobe: int = Field(default=32, ge=1, le=65536, description="IVF lists scanned per query (recall vs speed).")
 
     # --- web API (clipsearch serve) ---

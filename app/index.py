@@ -17,15 +17,22 @@ from app.errors import IndexMismatch, NotReady
 MANIFEST_FILE = "manifest.json"
 FLAT = "flat"
 IVF_SQ8 = "ivf-sq8"
-INDEX_KINDS = (FLAT, IVF_SQ8)
+#: IVF-SQ8 whose inverted lists are memory-mapped shard files (app.index_ondisk)
+ONDISK = "ivf-ondisk"
+INDEX_KINDS = (FLAT, IVF_SQ8, ONDISK)
 
 
-def choose_kind(count: int, requested: str = "auto", ivf_min_vectors: int = 200_000) -> str:
-    """Exact search for small catalogs; IVF with 8-bit scalar quantisation beyond ``ivf_min_vectors``."""
+def choose_kind(
+    count: int, requested: str = "auto", ivf_min_vectors: int = 200_000, ondisk_min_vectors: int | None = None
+) -> str:
+    """Exact search for small catalogs; IVF with 8-bit scalar quantisation beyond ``ivf_min_vectors``, its lists
+    in memory-mapped files on disk beyond ``ondisk_min_vectors`` (None: never chosen by ``auto``)."""
     if requested != "auto":
         if requested not in INDEX_KINDS:
-            raise ValueError(f"unknown index type {requested!r}: use auto, {FLAT} or {IVF_SQ8}")
+            raise ValueError(f"unknown index type {requested!r}: use auto, {', '.join(INDEX_KINDS)}")
         return requested
+    if ondisk_min_vectors is not None and count >= ondisk_min_vectors:
+        return ONDISK
     return IVF_SQ8 if count >= ivf_min_vectors else FLAT
 
 
@@ -197,8 +204,17 @@ class VectorIndex:
             index_file=index_file,
             description=self.description,
         )
+        try:
+            previous = read_manifest(directory)
+        except Exception:  # noqa: BLE001 - no manifest, or an unreadable one: nothing to keep for readers
+            previous = None
         _atomic_write(directory / MANIFEST_FILE, json.dumps(asdict(manifest), indent=2).encode())
         _prune_old_index_files(directory, keep={index_file})
+        if any(directory.glob("deleted-*.npz")):  # files of the on-disk kind, which this index replaced
+            from app.index_ondisk import prune_generations
+
+            keep = {index_file} | ({previous.index_file, *previous.shards} if previous is not None else set())
+            prune_generations(directory, keep)
         return manifest
 
     @classmethod

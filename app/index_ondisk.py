@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,9 +34,8 @@ import faiss
 import numpy as np
 
 from app.errors import IndexMismatch
-from app.index import MANIFEST_FILE, Manifest, VectorIndex, _atomic_write, _fsync_file, read_manifest
+from app.index import MANIFEST_FILE, ONDISK, Manifest, VectorIndex, _atomic_write, _fsync_file, read_manifest
 
-ONDISK = "ivf-ondisk"
 READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
 
@@ -90,6 +89,42 @@ def build_part(template: faiss.IndexIVF, ids: np.ndarray, vectors: np.ndarray, p
     part = PartBuilder(template)
     part.add(ids, vectors)
     return part.write(path)
+
+
+def write_parts(
+    template: faiss.IndexIVF,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    folder: Path,
+    *,
+    max_vectors: int,
+    prefix: str = "part",
+) -> list[Path]:
+    """Stream (ids, vectors) chunks into parts of at most ``max_vectors`` each, written to ``folder`` as
+    ``{prefix}-00000.faiss``, ``{prefix}-00001.faiss``, ...: one part and one chunk in memory at a time."""
+    if max_vectors < 1:
+        raise ValueError("a part holds at least one vector")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    part: PartBuilder | None = None
+
+    def flush() -> None:
+        nonlocal part
+        if part is not None and part.index.ntotal:
+            written.append(part.write(folder / f"{prefix}-{len(written):05d}.faiss"))
+        part = None
+
+    for ids, vectors in chunks:
+        start = 0
+        while start < len(ids):
+            if part is None:
+                part = PartBuilder(template)
+            take = min(len(ids) - start, max_vectors - int(part.index.ntotal))
+            part.add(ids[start : start + take], vectors[start : start + take])
+            start += take
+            if part.index.ntotal >= max_vectors:
+                flush()
+    flush()
+    return written
 
 
 def merge_parts(
@@ -218,35 +253,119 @@ def _commit(
     keep = set(shards) | {deleted_file}
     if previous is not None:  # a reader may still be switching from the previous generation
         keep |= set(previous.shards) | {previous.index_file}
-    _prune(directory, keep)
+    prune_generations(directory, keep)
     return manifest
 
 
-def _prune(directory: Path, keep: set[str]) -> None:
+def prune_generations(directory: Path, keep: set[str]) -> None:
+    """Delete the index files of ``directory`` that ``keep`` does not name: shards, tombstone lists, and the
+    single-file indexes of the in-memory kinds (left when the index switched kind)."""
     stems = {name.removesuffix(".faiss") for name in keep if name.endswith(".faiss")}
-    for path in directory.glob("deleted-*.npz"):
-        if path.name not in keep:
-            path.unlink(missing_ok=True)
+    for pattern in ("deleted-*.npz", "index-*.faiss"):
+        for path in directory.glob(pattern):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
     for path in directory.glob("shard-*"):
         stem = path.name.split(".", 1)[0]
         if stem not in stems:
             path.unlink(missing_ok=True)
 
 
-def compact(directory: Path, *, model: str, pretrained: str, nprobe: int = 32) -> Manifest:
-    """Rewrite the shards that hold tombstoned vectors without them, and commit with no tombstones."""
-    index, manifest = OnDiskIndex.load(directory, model=model, pretrained=pretrained, nprobe=nprobe)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    shards = []
-    for number, shard in enumerate(index.shards):
-        dead = shard.deleted
-        if not len(dead):
-            shards.append(shard.name)
-            continue
-        template = _empty_like(shard.ivf)
-        shards.append(merge_parts(template, [shard.index], directory, f"shard-{stamp}-c{number:03d}", drop_ids=dead))
-    index.close()
-    return commit_shards(directory, shards, model=manifest.model, pretrained=manifest.pretrained)
+def shard_files(name: str) -> list[str]:
+    """The files of the shard whose index file is ``name``."""
+    stem = name.removesuffix(".faiss")
+    return [name, f"{stem}.ivfdata", f"{stem}.ids.npy", f"{stem}.lists.npy"]
+
+
+# --- compaction ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """What the compaction policy looks at in a shard."""
+
+    name: str
+    ntotal: int
+    deleted: int
+
+    @property
+    def live(self) -> int:
+        return self.ntotal - self.deleted
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """Shards to rewrite without their tombstones (``purge``) and groups of shards to merge into one each."""
+
+    purge: tuple[str, ...] = ()
+    merge: tuple[tuple[str, ...], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.purge or self.merge)
+
+    def describe(self) -> str:
+        parts = [f"merging {len(group)} shards into one" for group in self.merge]
+        if self.purge:
+            parts.append(f"dropping the tombstoned vectors of {len(self.purge)} shard(s)")
+        return "; ".join(parts) or "nothing to do"
+
+
+def plan_compaction(
+    shards: Sequence[ShardState],
+    *,
+    small_vectors: int,
+    max_small_shards: int,
+    max_deleted_fraction: float,
+    shard_vectors: int,
+    force: bool = False,
+) -> Compaction:
+    """Which shards to rewrite, so that shards do not pile up and tombstones stay few.
+
+    Automatic (``force`` False): when more than ``max_small_shards`` shards hold fewer than ``small_vectors``
+    live vectors (the delta shards of incremental runs, and the first shard of a small catalog), they are
+    merged into one; a shard whose tombstoned share exceeds ``max_deleted_fraction`` is rewritten without them.
+    ``force`` (a manual compaction): every tombstone goes, and every shard under ``shard_vectors`` live vectors
+    is merged with the others, in groups of at most ``shard_vectors``. Merged shards lose their tombstones too."""
+    merge: list[tuple[str, ...]] = []
+    if force:
+        group: list[str] = []
+        size = 0
+        for shard in shards:
+            if shard.live >= shard_vectors:
+                continue
+            if group and size + shard.live > shard_vectors:
+                merge.append(tuple(group))
+                group, size = [], 0
+            group.append(shard.name)
+            size += shard.live
+        merge.append(tuple(group))
+    else:
+        small = [shard.name for shard in shards if shard.live < small_vectors]
+        if len(small) > max_small_shards:
+            merge.append(tuple(small))
+    merge = [group for group in merge if len(group) > 1]
+    merged = {name for group in merge for name in group}
+    purge = tuple(
+        shard.name
+        for shard in shards
+        if shard.name not in merged
+        and shard.deleted
+        and (force or shard.deleted > max_deleted_fraction * max(shard.ntotal, 1))
+    )
+    return Compaction(purge, tuple(merge))
+
+
+def compact(
+    directory: Path, *, model: str, pretrained: str, nprobe: int = 32, plan: Compaction | None = None
+) -> Manifest:
+    """Carry out ``plan`` (default: rewrite every shard that holds tombstoned vectors without them) and commit."""
+    index, _ = OnDiskIndex.load(directory, model=model, pretrained=pretrained, nprobe=nprobe)
+    try:
+        if plan is None:
+            plan = Compaction(purge=tuple(shard.name for shard in index.shards if len(shard.deleted)))
+        return index.compact(plan, model=model, pretrained=pretrained)
+    finally:
+        index.close()
 
 
 # --- serving -------------------------------------------------------------------------------------
@@ -347,6 +466,11 @@ class OnDiskIndex(VectorIndex):
         manifest = read_manifest(directory)
         check_manifest(manifest, model=model, pretrained=pretrained)
         return cls.from_manifest(directory, manifest, nprobe=nprobe), manifest
+
+    @classmethod
+    def from_shards(cls, directory: Path, names: Sequence[str], *, nprobe: int = 32) -> OnDiskIndex:
+        """Open shard files in ``directory`` (built, not yet committed: ``save`` commits them)."""
+        return cls(directory, [_Shard(directory, name) for name in names], nprobe=nprobe)
 
     @classmethod
     def from_manifest(cls, directory: Path, manifest: Manifest, *, nprobe: int = 32) -> OnDiskIndex:
@@ -480,6 +604,71 @@ class OnDiskIndex(VectorIndex):
             self.directory,
             names,
             {shard.name: shard.deleted for shard in self.shards},
+            dim=self.dim,
+            count=self.ntotal,
+            description=self.description,
+            model=model,
+            pretrained=pretrained,
+        )
+
+    def shard_states(self) -> list[ShardState]:
+        return [ShardState(shard.name, shard.ntotal, len(shard.deleted)) for shard in self.shards]
+
+    def compact(self, plan: Compaction, *, model: str, pretrained: str) -> Manifest:
+        """Rewrite the shards ``plan`` names and commit; the other shards keep their tombstones.
+
+        Commit any delta (``save``) first. The rewritten shards are new files: readers of the previous
+        generation keep theirs, and a crash before the commit leaves that generation in force."""
+        if self._delta is not None and self._delta.index.ntotal:
+            raise ValueError("save the index before compacting it: its added vectors are not in a shard yet")
+        by_name = {shard.name: shard for shard in self.shards}
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        template = _empty_like(self.shards[0].ivf)
+        replaced: dict[str, str | None] = {}  # old shard -> its new one (None: merged into another group's)
+
+        for number, name in enumerate(plan.purge):
+            shard = by_name[name]
+            replaced[name] = merge_parts(
+                template, [shard.index], self.directory, f"shard-{stamp}-p{number:03d}", drop_ids=shard.deleted
+            )
+        for number, group in enumerate(plan.merge):
+            # An id tombstoned in one shard may be live in a newer one: drop each shard's tombstones on its own
+            # first, so the merge never sees an id twice.
+            clean = []
+            for member, name in enumerate(group):
+                shard = by_name[name]
+                if len(shard.deleted):
+                    label = f"shard-{stamp}-m{number:03d}-{member:03d}"  # pruned once the commit names the merge
+                    shard = _Shard(
+                        self.directory,
+                        merge_parts(template, [shard.index], self.directory, label, drop_ids=shard.deleted),
+                    )
+                clean.append(shard)
+            merged = merge_parts(
+                template, [shard.ivf for shard in clean], self.directory, f"shard-{stamp}-g{number:03d}"
+            )
+            for member, name in enumerate(group):
+                replaced[name] = merged if member == 0 else None
+            del clean
+        names: list[str] = []
+        tombstones: dict[str, np.ndarray] = {}
+        for shard in self.shards:
+            if shard.name not in replaced:
+                names.append(shard.name)
+                tombstones[shard.name] = shard.deleted
+            elif replaced[shard.name] is not None:
+                names.append(replaced[shard.name])  # type: ignore[arg-type]
+        self.close()
+        self.shards = [_Shard(self.directory, name) for name in names]
+        for shard in self.shards:
+            if shard.name in tombstones:
+                shard.set_deleted(tombstones[shard.name])
+        if len(self.shards) > 1:
+            self._pool = ThreadPoolExecutor(min(len(self.shards), os.cpu_count() or 1))
+        return _commit(
+            self.directory,
+            names,
+            tombstones,
             dim=self.dim,
             count=self.ntotal,
             description=self.description,

@@ -339,12 +339,15 @@ class Store:
             return int(session.scalar(stmt) or 0)
 
     def iter_vectors(
-        self, model: str, chunk: int = 10_000, *, stride: int = 1
+        self, model: str, chunk: int = 10_000, *, stride: int = 1, after: int = 0, upto: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of every indexed image, in chunks: the index is always rebuildable from here.
-        ``stride`` > 1 keeps only ids divisible by it, chosen in the database (a cheap, evenly spread sample)."""
-        last_id = 0
+        ``stride`` > 1 keeps only ids divisible by it, chosen in the database (a cheap, evenly spread sample).
+        ``after``/``upto``: only ids in (after, upto], one worker's range (see ``vector_id_ranges``)."""
+        last_id = after
         sampled = [ImageRow.id % stride == 0] if stride > 1 else []
+        if upto is not None:
+            sampled.append(ImageRow.id <= upto)
         with self._sessions() as session:
             while True:
                 stmt = (
@@ -366,6 +369,24 @@ class Store:
                 vectors = np.stack([bytes_to_vector(r.embedding) for r in rows])
                 last_id = int(ids[-1])
                 yield ids, vectors
+
+    def vector_id_ranges(self, model: str, size: int) -> list[tuple[int, int]]:
+        """Id ranges (after, upto] holding ``size`` indexed vectors each (the last one the rest), found by
+        skipping ``size`` rows at a time along the id order: no id list is held."""
+        ranges: list[tuple[int, int]] = []
+        last_id = 0
+        indexed = (ImageRow.status == ImageStatus.INDEXED, ImageRow.model == model, ImageRow.embedding.is_not(None))
+        with self._sessions() as session:
+            while True:
+                base = select(ImageRow.id).where(*indexed, ImageRow.id > last_id).order_by(ImageRow.id)
+                bound = session.scalar(base.offset(size - 1).limit(1))
+                if bound is None:
+                    end = session.scalar(select(func.max(ImageRow.id)).where(*indexed, ImageRow.id > last_id))
+                    if end is not None:
+                        ranges.append((last_id, int(end)))
+                    return ranges
+                ranges.append((last_id, int(bound)))
+                last_id = int(bound)
 
     def iter_vectors_for(
         self, ids: Sequence[int], model: str, chunk: int = 500

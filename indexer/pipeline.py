@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -20,10 +21,12 @@ from app.dupes import ImageHashes
 from app.encoder import Encoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
-from app.index import FLAT, VectorIndex, choose_kind, nlist_for, training_size_for
+from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
+from app.index_ondisk import OnDiskIndex
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
+from indexer.ondisk import PartWriter, build_from_store, maybe_compact, write_store_parts
 from indexer.walk import FileInfo, ScanResult, is_under, scan
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class IndexSummary:
     tag_seconds: float = 0.0
     index_count: int = 0
     index_rebuilt: bool = False
+    #: what compacting the on-disk index did, when it was compacted
+    index_compacted: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -65,6 +70,8 @@ class IndexSummary:
             + f"index holds {self.index_count} vectors"
             + (" (rebuilt from the store)" if self.index_rebuilt else ""),
         ]
+        if self.index_compacted:
+            out.append(self.index_compacted)
         for path, reason in self.failures[:max_failures]:
             out.append(f"  failed: {path}: {reason}")
         if len(self.failures) > max_failures:
@@ -197,7 +204,17 @@ BatchCallback = Callable[[int], None]
 class Indexer:
     """Brings the store and the index in line with the files under some folders."""
 
-    def __init__(self, settings: Settings, store: Store, encoder: Encoder, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        encoder: Encoder,
+        *,
+        progress: bool = True,
+        part_writer: PartWriter | None = None,
+    ) -> None:
+        """``part_writer``: how an on-disk index build fills its parts (default: in this process, from the
+        store; the Ray engine passes its own)."""
         self.settings = settings
         self.store = store
         self.encoder = encoder
@@ -206,6 +223,7 @@ class Indexer:
         self.draft_size = model_draft_size(encoder.image_size)
         # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
         self.tagging = TaggingPlan.from_settings(settings)
+        self.part_writer = part_writer or self._write_parts
 
     def run(
         self,
@@ -213,17 +231,19 @@ class Indexer:
         *,
         rebuild: bool = False,
         retry_failed: bool = False,
+        compact: bool = False,
         on_batch_committed: BatchCallback | None = None,
     ) -> IndexSummary:
         """Index ``roots`` incrementally. Batches are committed as they go, so an interrupted run can
-        simply be started again: what was committed is not embedded twice."""
+        simply be started again: what was committed is not embedded twice. ``compact``: compact an on-disk
+        index fully afterwards (it is otherwise compacted when its policy says so)."""
         started = time.perf_counter()
         summary = IndexSummary()
         found = scan(list(roots), exclude=[self.settings.data_dir])
         plan = self.plan(found, summary, retry_failed=retry_failed)
         touched: set[int] = set()
         self._process(plan, summary, touched, on_batch_committed)
-        self.finish(found, plan, summary, touched, rebuild=rebuild)
+        self.finish(found, plan, summary, touched, rebuild=rebuild, compact=compact)
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -270,7 +290,14 @@ class Indexer:
             self._count(item, plan.states, summary)
 
     def finish(
-        self, found: ScanResult, plan: Plan, summary: IndexSummary, touched: set[int], *, rebuild: bool = False
+        self,
+        found: ScanResult,
+        plan: Plan,
+        summary: IndexSummary,
+        touched: set[int],
+        *,
+        rebuild: bool = False,
+        compact: bool = False,
     ) -> None:
         """After every batch is committed: files gone from the listing leave the store, tags are brought
         up to date, and the saved index takes the changes."""
@@ -292,7 +319,9 @@ class Indexer:
         summary.tagged = self.tag()
         summary.tag_seconds = time.perf_counter() - tag_started
 
-        summary.index_count, summary.index_rebuilt = self._update_index(touched, rebuild)
+        summary.index_count, summary.index_rebuilt, summary.index_compacted = self._update_index(
+            touched, rebuild, compact
+        )
 
     def tag(self, *, everything: bool = False) -> int:
         """Tags and flags for the indexed images that lack them or have stale ones (``everything``: all),
@@ -421,9 +450,10 @@ class Indexer:
 
     # --- the index -------------------------------------------------------------------------------
 
-    def _update_index(self, touched: set[int], rebuild: bool) -> tuple[int, bool]:
+    def _update_index(self, touched: set[int], rebuild: bool, compact: bool = False) -> tuple[int, bool, str]:
         """Apply this run's changes to the saved index; rebuild from the store when they disagree,
-        or when the catalog has grown past the size where another index type is chosen."""
+        or when the catalog has grown past the size where another index type is chosen. An on-disk index
+        is then compacted when its policy (or ``compact``) says so."""
         spec = self.encoder.spec
         settings = self.settings
         index: VectorIndex | None = None
@@ -435,7 +465,9 @@ class Indexer:
             except (NotReady, IndexMismatch) as exc:
                 log.info("building the index from the store: %s", exc)
         expected = self.store.count_indexed(self.model_key)
-        wanted_kind = choose_kind(expected, settings.index_type, settings.ivf_min_vectors)
+        wanted_kind = choose_kind(expected, settings.index_type, settings.ivf_min_vectors, settings.ondisk_min_vectors)
+        if wanted_kind == ONDISK and expected == 0:
+            wanted_kind = FLAT  # nothing to train centroids on yet: an empty exact index until there is
         if index is not None and (index.dim != self.encoder.dim or index.kind != wanted_kind):
             log.info("switching the index to %s for %d vectors", wanted_kind, expected)
             index = None
@@ -452,16 +484,43 @@ class Indexer:
             index, rebuilt = self._build_from_store(wanted_kind, expected), True
         if touched or rebuilt:
             index.save(settings.index_dir, model=spec.name, pretrained=spec.pretrained)
-        return index.ntotal, rebuilt
+        compacted = ""
+        if isinstance(index, OnDiskIndex):
+            compacted = maybe_compact(settings, index, model=spec.name, pretrained=spec.pretrained, force=compact)
+            index.close()
+        return index.ntotal, rebuilt, compacted
+
+    def compact_index(self) -> str:
+        """Compact the saved on-disk index fully (every tombstone dropped, small shards merged), without a scan."""
+        spec = self.encoder.spec
+        index, _ = VectorIndex.load(
+            self.settings.index_dir, model=spec.name, pretrained=spec.pretrained, nprobe=self.settings.nprobe
+        )
+        if not isinstance(index, OnDiskIndex):
+            return f"nothing to compact: the index is {index.kind}, not {ONDISK}"
+        try:
+            done = maybe_compact(self.settings, index, model=spec.name, pretrained=spec.pretrained, force=True)
+        finally:
+            index.close()
+        return done or f"nothing to compact: {len(index.shards)} shard(s), no deleted vectors"
 
     def _build_from_store(self, kind: str, expected: int) -> VectorIndex:
         training = None
         if kind != FLAT:
             training = self._training_sample(expected, training_size_for(nlist_for(expected)))
+        if kind == ONDISK:
+            assert training is not None
+            return build_from_store(self.settings, training, expected, self.part_writer)
         index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe, count=expected)
         for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
             index.add(chunk_ids, vectors)
         return index
+
+    def _write_parts(self, template: faiss.IndexIVF, folder: Path) -> list[Path]:
+        """The local build's parts: every stored vector, streamed through this process."""
+        return write_store_parts(
+            self.store, self.model_key, template, folder, max_vectors=self.settings.ondisk_part_vectors
+        )
 
     def _training_sample(self, expected: int, size: int) -> np.ndarray:
         """A uniform random sample of the stored vectors (fixed seed) to train IVF centroids on."""
