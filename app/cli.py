@@ -132,7 +132,7 @@ def index(
             ray_indexer = RayIndexer(
                 settings, store, encoder, address=ray_address, workers=ray_workers, progress=progress
             )
-            summary = ray_indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed)
+            summary = ray_indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed, compact=compact)
         else:
             indexer = Indexer(settings, store, encoder, progress=progress)
             summary = indexer.run([Path(p) for p in paths], rebuild=rebuild, retry_failed=retry_failed, compact=compact)

@@ -8,6 +8,12 @@ over a Ray cluster (a local one started with ``ray.init()``, or an existing one 
     -> the driver writes one shard per partition (tmp + rename), then commits it to the store
        (Indexer.commit) and deletes it -> Indexer.finish (removed files, tags, the vector index).
 
+When the vector index is the on-disk kind (``ivf-ondisk``) and has to be built from the store, the driver trains
+the template on a sample and Ray tasks fill the parts, each reading one id range of the stored vectors from the
+store (``indexer.ondisk.write_store_parts``, as the local build) and writing its part file into the index dir;
+the driver merges the parts into shards and commits them. The workers need the store's URL to reach the database
+(SQLite only for a local Ray) and the index dir on a filesystem they share with the driver.
+
 A killed job leaves committed partitions in the store and written shards on disk: the next run skips the
 former (unchanged files) and loads the latter without computing them; only the rest is processed.
 """
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -35,6 +42,7 @@ from app.config import Settings
 from app.encoder import Encoder
 from app.errors import ClipSearchError
 from app.store import HASH_FIELDS, Store
+from indexer.ondisk import write_store_parts
 from indexer.pipeline import Indexer, IndexSummary, Plan, Prepared, PrepareOptions, embed_batch, prepare_file
 from indexer.sources import is_process_local, list_sources, read_bytes
 from indexer.walk import FileInfo
@@ -149,6 +157,38 @@ def _unpack_prepared(payload: bytes) -> list[Prepared]:
         if has_pixels:
             item.pixels = torch.from_numpy(np.array(next(rows)))
     return list(bare)
+
+
+def write_part_range(
+    database_url: str,
+    model_key: str,
+    template: np.ndarray,
+    folder: str,
+    after: int,
+    upto: int,
+    max_vectors: int,
+    prefix: str,
+) -> list[str]:
+    """Ray task of an on-disk index build: the stored vectors with ids in (after, upto] as part file(s) in
+    ``folder``, filled from the serialised ``template`` (the local build's write_store_parts)."""
+    ivf = faiss.deserialize_index(template)
+    if not isinstance(ivf, faiss.IndexIVF):
+        raise ClipSearchError(f"the shipped index template is a {type(ivf).__name__}, not an IVF index")
+    store = Store(database_url)
+    try:
+        parts = write_store_parts(
+            store,
+            model_key,
+            ivf,
+            Path(folder),
+            max_vectors=max_vectors,
+            after=after,
+            upto=upto,
+            prefix=prefix,
+        )
+    finally:
+        store.close()
+    return [str(part) for part in parts]
 
 
 # --- shards -----------------------------------------------------------------------------------------------
@@ -272,7 +312,7 @@ class RayIndexer:
         if partition_size < 1:
             raise ClipSearchError("the partition size must be at least 1 file")
         self.settings = settings
-        self.indexer = Indexer(settings, store, encoder, progress=progress)
+        self.indexer = Indexer(settings, store, encoder, progress=progress, part_writer=self._write_index_parts)
         self.address = address
         self.workers = workers
         self.partition_size = partition_size
@@ -280,6 +320,7 @@ class RayIndexer:
         self.embedder = embedder
         self.ray_options = ray_options or {}
         self.shard_dir = settings.data_dir / SHARD_FOLDER
+        self._owns_ray = False
 
     def run(
         self,
@@ -287,7 +328,21 @@ class RayIndexer:
         *,
         rebuild: bool = False,
         retry_failed: bool = False,
+        compact: bool = False,
         on_partition_committed: PartitionCallback | None = None,
+    ) -> RayIndexSummary:
+        try:
+            return self._run(roots, rebuild, retry_failed, compact, on_partition_committed)
+        finally:
+            self._release_ray()
+
+    def _run(
+        self,
+        roots: Iterable[str | Path],
+        rebuild: bool,
+        retry_failed: bool,
+        compact: bool,
+        on_partition_committed: PartitionCallback | None,
     ) -> RayIndexSummary:
         started = time.perf_counter()
         summary = RayIndexSummary()
@@ -322,7 +377,7 @@ class RayIndexer:
         finally:
             bar.close()
         self._remove_stale_shards()
-        self.indexer.finish(found, plan, summary, touched, rebuild=rebuild)
+        self.indexer.finish(found, plan, summary, touched, rebuild=rebuild, compact=compact)
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -348,10 +403,54 @@ class RayIndexer:
         self, partitions: list[Partition], plan: Plan, summary: RayIndexSummary
     ) -> Iterator[tuple[str, bytes]]:
         """Run the Ray Data job over ``partitions``; yield (partition id, shard bytes) as each finishes."""
+        ray = self._ray()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = self.progress
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        workers = self.workers or max(1, gpus)
+        # Without GPUs the actors share the CPUs with the decode tasks: leave those at least one CPU.
+        embed_cpus = 0.0 if gpus else min(1.0, max(resources.get("CPU", 1.0) - 1.0, 1.0) / workers)
+        summary.embed_workers = workers
+        rows = [{"partition": p.id, "payload": self._partition_payload(p)} for p in partitions]
+        dataset: Any = ray.data.from_items(rows, override_num_blocks=len(rows))
+        dataset = dataset.map_batches(
+            prepare_partitions,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"options": self.indexer.prepare_options, "known_shas": plan.known_shas},
+            num_cpus=1,
+            # A task holds one partition's preprocessed pixels (float32) and its source bytes. The request
+            # also keeps Ray Data from fusing these tasks into the actors (their resources differ): decoding
+            # then runs in parallel with the model instead of before it in the same process.
+            memory=self._partition_memory(),
+        )
+        dataset = dataset.map_batches(
+            self.embedder,
+            batch_size=1,
+            batch_format="numpy",
+            fn_constructor_kwargs={"settings": self.settings},
+            # Ray Data restarts a dead actor and retries its partition (max_restarts=-1 by default).
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=1 if gpus else 0,
+            num_cpus=embed_cpus,
+        )
+        log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
+        try:
+            for row in dataset.iter_rows():
+                yield str(row["partition"]), bytes(row["shard"])
+        except ray.exceptions.RayError as exc:
+            raise ClipSearchError(
+                f"the Ray job failed: {exc}\nFinished partitions are saved: fix the cause and run the same "
+                "command again to finish."
+            ) from exc
+
+    def _ray(self) -> Any:
+        """The ray module, connected: to the cluster at ``address``, to a Ray this process already runs, or to
+        a local Ray started now (and shut down at the end of the run)."""
         import ray
 
-        owns_ray = not ray.is_initialized()
-        if owns_ray:
+        if not ray.is_initialized():
             options = {} if self.address else local_ray_options()
             try:
                 ray.init(address=self.address, **{**options, **self.ray_options})
@@ -361,50 +460,47 @@ class RayIndexer:
                     f"cannot start or reach {where}: {exc} (check --ray-address, or start a cluster with "
                     "'ray start --head')"
                 ) from exc
+            self._owns_ray = True
+        return ray
+
+    def _release_ray(self) -> None:
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+
+    def _write_index_parts(self, template: faiss.IndexIVF, folder: Path) -> list[Path]:
+        """The parts of an on-disk index build, one Ray task per id range of ondisk_part_vectors stored vectors."""
+        size = self.settings.ondisk_part_vectors
+        ranges = self.indexer.store.vector_id_ranges(self.indexer.model_key, size)
+        if not ranges:
+            return []
+        ray = self._ray()
+        shipped = ray.put(faiss.serialize_index(template))
+        # A task holds one part's codes and ids, one chunk of float32 vectors read from the store, and a worker.
+        memory = (512 << 20) + size * (int(template.code_size) + 8) + 10_000 * int(template.d) * 4
+        task = ray.remote(write_part_range).options(num_cpus=1, memory=memory, max_retries=2)
+        url = self.settings.effective_database_url
+        refs = [
+            task.remote(url, self.indexer.model_key, shipped, str(folder), after, upto, size, f"part-{number:05d}")
+            for number, (after, upto) in enumerate(ranges)
+        ]
+        log.info("ray: building the on-disk index in %d part task(s)", len(refs))
         try:
-            context = ray.data.DataContext.get_current()
-            context.enable_progress_bars = self.progress
-            resources = ray.cluster_resources()
-            gpus = int(resources.get("GPU", 0))
-            workers = self.workers or max(1, gpus)
-            # Without GPUs the actors share the CPUs with the decode tasks: leave those at least one CPU.
-            embed_cpus = 0.0 if gpus else min(1.0, max(resources.get("CPU", 1.0) - 1.0, 1.0) / workers)
-            summary.embed_workers = workers
-            rows = [{"partition": p.id, "payload": self._partition_payload(p)} for p in partitions]
-            dataset: Any = ray.data.from_items(rows, override_num_blocks=len(rows))
-            dataset = dataset.map_batches(
-                prepare_partitions,
-                batch_size=1,
-                batch_format="numpy",
-                fn_kwargs={"options": self.indexer.prepare_options, "known_shas": plan.known_shas},
-                num_cpus=1,
-                # A task holds one partition's preprocessed pixels (float32) and its source bytes. The request
-                # also keeps Ray Data from fusing these tasks into the actors (their resources differ): decoding
-                # then runs in parallel with the model instead of before it in the same process.
-                memory=self._partition_memory(),
+            parts = [Path(path) for written in ray.get(refs) for path in written]
+        except ray.exceptions.RayError as exc:
+            raise ClipSearchError(
+                f"building the on-disk index on Ray failed: {exc}\nThe store is up to date and the previous index "
+                "still serves: fix the cause and run the same command again (or 'clipsearch index --rebuild')."
+            ) from exc
+        unseen = [path for path in parts if not path.exists()]
+        if unseen:
+            raise ClipSearchError(
+                f"the Ray workers wrote {len(unseen)} index part(s) the driver cannot see (e.g. {unseen[0]}): put "
+                f"the data dir ({self.settings.data_dir}) on a filesystem the workers share, or use --engine local"
             )
-            dataset = dataset.map_batches(
-                self.embedder,
-                batch_size=1,
-                batch_format="numpy",
-                fn_constructor_kwargs={"settings": self.settings},
-                # Ray Data restarts a dead actor and retries its partition (max_restarts=-1 by default).
-                compute=ray.data.ActorPoolStrategy(size=workers),
-                num_gpus=1 if gpus else 0,
-                num_cpus=embed_cpus,
-            )
-            log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
-            try:
-                for row in dataset.iter_rows():
-                    yield str(row["partition"]), bytes(row["shard"])
-            except ray.exceptions.RayError as exc:
-                raise ClipSearchError(
-                    f"the Ray job failed: {exc}\nFinished partitions are saved: fix the cause and run the same "
-                    "command again to finish."
-                ) from exc
-        finally:
-            if owns_ray:
-                ray.shutdown()
+        return parts
 
     def _partition_memory(self) -> int:
         """A decode task's memory: the worker process (Python, torch, PIL: ~600 MB measured) and a partition's

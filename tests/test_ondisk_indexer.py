@@ -6,6 +6,8 @@ is the reference."""
 
 from __future__ import annotations
 
+import logging
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +300,48 @@ def test_auto_picks_the_ondisk_index_from_its_threshold_and_plans_compaction() -
     forced = plan_compaction(shards, **policy, force=True)
     assert forced.merge == (("base", "d0", "d1", "d2"),)
     assert plan_compaction([ShardState("a", 9_000, 0), ShardState("b", 2_000, 1)], **policy, force=True).purge == ("b",)
+
+
+# --- Ray ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    ray = pytest.importorskip("ray")
+    from indexer.ray_engine import local_ray_options
+
+    ray.init(**local_ray_options(num_cpus=2, object_store_mb=200), log_to_driver=False)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def test_ray_tasks_build_the_same_ondisk_index_as_the_local_build(
+    ray_session: None, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indexer.ray_engine import RayIndexer
+
+    catalog.index()
+    local = catalog.loaded()
+    ids = np.sort(np.concatenate([np.asarray(shard.ids) for shard in local.shards]))
+    local_vectors = np.stack([local.reconstruct(int(i)) for i in ids])
+
+    written: list[list[Path]] = []
+    real = RayIndexer._write_index_parts
+
+    def spy(self: RayIndexer, template: object, folder: Path) -> list[Path]:
+        parts = real(self, template, folder)  # type: ignore[arg-type]
+        written.append(parts)
+        return parts
+
+    monkeypatch.setattr(RayIndexer, "_write_index_parts", spy)
+    ray_indexer = RayIndexer(catalog.settings, catalog.store, catalog.encoder, progress=False)
+    summary = ray_indexer.run([catalog.root], rebuild=True)
+    assert summary.index_rebuilt and summary.embedded == 0 and summary.unchanged == len(ids)
+    assert [p.name for p in written[0]] == [f"part-{n:05d}-00000.faiss" for n in range(math.ceil(len(ids) / 40))]
+
+    built = catalog.loaded()
+    assert read_manifest(catalog.settings.index_dir).shards != [s.name for s in local.shards]
+    ray_ids = np.sort(np.concatenate([np.asarray(shard.ids) for shard in built.shards]))
+    np.testing.assert_array_equal(ray_ids, ids)
+    np.testing.assert_array_equal(np.stack([built.reconstruct(int(i)) for i in ids]), local_vectors)
