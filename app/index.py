@@ -107,6 +107,8 @@ class VectorIndex:
         sample size); lists are halved while the sample holds fewer than 39 points per list."""
         if kind == FLAT:
             return cls(dim)
+        if kind == ONDISK:
+            raise ValueError(f"an {ONDISK} index is built from parts and merged (app.index_ondisk), not created empty")
         if kind != IVF_SQ8:
             raise ValueError(f"unknown index type {kind!r}")
         if training is None or len(training) == 0:

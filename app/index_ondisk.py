@@ -626,8 +626,14 @@ class OnDiskIndex(VectorIndex):
         template = _empty_like(self.shards[0].ivf)
         replaced: dict[str, str | None] = {}  # old shard -> its new one (None: merged into another group's)
 
+        emptied = {name for name in plan.purge if by_name[name].live == 0}
+        if len(emptied) == len(self.shards):  # an index keeps one shard, even an empty one
+            emptied.discard(plan.purge[0])
         for number, name in enumerate(plan.purge):
             shard = by_name[name]
+            if name in emptied:  # every vector deleted: the shard goes
+                replaced[name] = None
+                continue
             replaced[name] = merge_parts(
                 template, [shard.index], self.directory, f"shard-{stamp}-p{number:03d}", drop_ids=shard.deleted
             )

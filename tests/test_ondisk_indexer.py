@@ -257,6 +257,13 @@ def test_an_index_run_compacts_by_policy_and_says_so(catalog: Catalog, caltech: 
     hits = set(catalog.all_hits("a pizza"))
     assert len(hits) == 150 and not hits & gone_ids
 
+    for name in EXTRA_CLASSES:  # every vector of the merged delta shard deleted: the shard goes
+        shutil.rmtree(catalog.root / name)
+    summary = catalog.index(ondisk_max_small_shards=1, ondisk_max_deleted=0.2)
+    assert "dropping the tombstoned vectors of 1 shard(s)" in summary.index_compacted  # type: ignore[attr-defined]
+    assert read_manifest(catalog.settings.index_dir).shards == [index.shards[0].name]
+    assert catalog.loaded().ntotal == len(catalog.all_hits("a pizza")) == 100
+
 
 def test_a_failed_build_leaves_the_previous_index_serving(
     catalog: Catalog, caltech: Path, monkeypatch: pytest.MonkeyPatch
