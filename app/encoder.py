@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import ModelLoadError
-from app.quantize import FP32, check_inference, quantize, set_cpu_threads
+from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Encoder:
         *,
         inference: str = FP32,
         threads: int = 0,
+        onnx_cache_dir: Path | None = None,
     ) -> None:
         import open_clip
 
@@ -107,10 +109,20 @@ class Encoder:
         # int8 keeps the weights' embedding space (same model, same manifest), approximated to ~1e-3.
         self.inference = check_inference(inference, device)
         model = quantize(model, self.inference)
+        # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
+        self._onnx: Any | None = None
+        if self.inference not in (FP32, INT8):
+            self._onnx = _load_onnx(model, spec, self.inference, onnx_cache_dir, threads)
+            if self._onnx is None:
+                self.inference = FP32
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        from app.preprocess import fast_transform
+
+        # open_clip's transform as it is (what fidelity checks compare with), and the single-pass equivalent used
+        self.reference_preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = fast_transform(preprocess)
         self.image_size = _image_size(model)
         self.dim = _embed_dim(model, self.tokenizer, device)
         # One model call at a time: torch already uses every core, and GPU memory is shared.
@@ -124,6 +136,7 @@ class Encoder:
             settings.model_cache_dir,
             inference=settings.inference,
             threads=settings.torch_threads,
+            onnx_cache_dir=settings.data_dir / "onnx",
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -138,6 +151,9 @@ class Encoder:
 
     def encode_pixels(self, batch: torch.Tensor) -> np.ndarray:
         """Encode a batch of preprocessed images (N, 3, H, W) into (N, dim) unit vectors."""
+        if self._onnx is not None and self._onnx.image is not None:
+            with self._lock:
+                return _normalise(self._onnx.encode_image(batch.cpu().numpy()))
         with self._lock, torch.inference_mode(), self._autocast():
             batch = batch.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
@@ -159,7 +175,11 @@ class Encoder:
         for chunk in _chunks(list(texts), batch_size):
             tokens = self.tokenizer(chunk).to(self.device)
             with self._lock, torch.inference_mode(), self._autocast():
-                if truncate and self.supports_truncated_text:
+                if truncate and self.supports_truncated_text and self._onnx is not None and self._onnx.text is not None:
+                    pooled_at = _pooled_positions(self.model, tokens)
+                    length = int(pooled_at.max()) + 1
+                    features = self._onnx.encode_text(tokens[:, :length].cpu().numpy(), pooled_at.cpu().numpy())
+                elif truncate and self.supports_truncated_text:
                     features = _encode_text_truncated(self.model, tokens)
                 else:
                     features = self.model.encode_text(tokens)
@@ -191,10 +211,7 @@ def _encode_text_truncated(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     Under the causal mask no position attends to a later one, so the states up to the EOT token (the
     only one pooled) do not depend on the padding after it: cutting it off changes nothing but the time.
     """
-    if model.text_pool_type == "argmax":
-        pooled_at = tokens.argmax(dim=-1)
-    else:
-        pooled_at = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    pooled_at = _pooled_positions(model, tokens)
     length = int(pooled_at.max()) + 1
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
@@ -212,13 +229,46 @@ def _encode_text_truncated(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _pooled_positions(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """The position each row of ``tokens`` is pooled at: its EOT token (the highest id, for 'argmax' pooling)."""
+    if model.text_pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    return (tokens == model.text_eos_id).int().argmax(dim=-1)
+
+
+def _load_onnx(model: Any, spec: ModelSpec, mode: str, cache_dir: Path | None, threads: int) -> Any | None:
+    """ONNX Runtime sessions for ``model``'s towers (see app.onnx_backend), or None (with a warning saying
+    why) when neither tower can run there: the encoder then stays on torch fp32."""
+    try:
+        from app.onnx_backend import load_towers
+    except ImportError as exc:
+        log.warning("CLIPSEARCH_INFERENCE=%s needs onnxruntime and onnx (%s): using torch fp32 instead", mode, exc)
+        return None
+    folder = cache_dir or Path(tempfile.gettempdir()) / "clipsearch-onnx"
+    towers = load_towers(model, spec.store_key, folder, mode, _image_size(model), threads)
+    if towers.text is None and towers.image is None:
+        log.warning(
+            "CLIPSEARCH_INFERENCE=%s: neither tower of %s runs on ONNX Runtime; using torch fp32", mode, spec.label
+        )
+        return None
+    log.info(
+        "ONNX Runtime (%s) for the %s of %s",
+        "int8" if mode == ONNX_INT8 else "fp32",
+        " and ".join(t for t, s in (("text tower", towers.text), ("image tower", towers.image)) if s is not None),
+        spec.label,
+    )
+    return towers
+
+
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
-def _normalise(features: torch.Tensor) -> np.ndarray:
-    vectors = features.float().cpu().numpy().astype(np.float32, copy=False)
+def _normalise(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.float().cpu().numpy()
+    vectors = features.astype(np.float32, copy=False)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 

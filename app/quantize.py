@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 FP32 = "fp32"
 INT8 = "int8"
-INFERENCE_MODES = (FP32, INT8)
+#: ONNX Runtime's fp32 and int8 paths (app.onnx_backend): the same model, exported once and cached.
+ONNX = "onnx"
+ONNX_INT8 = "onnx-int8"
+INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8)
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
@@ -125,8 +128,9 @@ def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def quantize(model: ModelT, mode: str) -> ModelT:
-    """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only)."""
-    if mode == FP32:
+    """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only;
+    the ONNX modes leave the torch model unchanged: ONNX Runtime runs an export of it)."""
+    if mode in (FP32, ONNX, ONNX_INT8):
         return model
     if mode != INT8:
         raise ValueError(f"unknown inference mode {mode!r}: use one of {', '.join(INFERENCE_MODES)}")
@@ -145,9 +149,9 @@ def check_inference(mode: str, device: torch.device) -> str:
     """``mode`` if it can run on ``device``; a clear error otherwise."""
     if mode not in INFERENCE_MODES:
         raise ModelLoadError(f"CLIPSEARCH_INFERENCE={mode!r} is unknown: use one of {', '.join(INFERENCE_MODES)}")
-    if mode == INT8 and device.type != "cpu":
+    if mode != FP32 and device.type != "cpu":
         raise ModelLoadError(
-            "CLIPSEARCH_INFERENCE=int8 runs on the CPU only: set CLIPSEARCH_DEVICE=cpu, "
+            f"CLIPSEARCH_INFERENCE={mode} runs on the CPU only: set CLIPSEARCH_DEVICE=cpu, "
             "or CLIPSEARCH_INFERENCE=fp32 on a GPU (which already uses fp16/bf16 autocast)"
         )
     return mode

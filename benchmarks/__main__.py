@@ -1,6 +1,6 @@
 """Run the performance benchmarks one after another: the one command behind README's Performance table.
 
-    python -m benchmarks --all            # ingest, query_path, index_scale, http_search (full: about an hour)
+    python -m benchmarks --all            # all of PERFORMANCE below (full: about an hour)
     python -m benchmarks --all --quick    # smoke runs of the ones with a quick mode (a few minutes)
     python -m benchmarks query_path ingest
 
@@ -22,6 +22,7 @@ PERFORMANCE: dict[str, list[str] | None] = {
     "query_path": ["--quick"],
     "index_scale": None,
     "http_search": ["--quick"],
+    "inference_backends": ["--quick"],
 }
 
 
