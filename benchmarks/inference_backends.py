@@ -208,6 +208,20 @@ def captions() -> list[str]:
     return texts + QUERIES
 
 
+def cpu_capability() -> dict[str, Any]:
+    """What int8 kernels can use here: torch's dispatch level and the CPU's AVX-512 / VNNI flags."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    return {
+        "torch": torch.backends.cpu.get_cpu_capability(),
+        "avx512f": "avx512f" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -269,6 +283,8 @@ def main() -> None:
         for label, rate in img_s.items()
     ]
     lines = [
+        f"CPU capability: {cpu_capability()}.",
+        "",
         f"Backends interleaved in rounds on {THREADS} threads. Load averages (1/5/15 min): start "
         f"{'/'.join(map(str, loads['start']))}, end {'/'.join(map(str, loads['end']))}; per text round "
         f"(1 min): {', '.join(str(x[0]) for x in loads['text_rounds'])}; per image round: "
@@ -325,6 +341,7 @@ def main() -> None:
         "tiny_load_s": tiny_load_s,
         "fidelity": fid,
         "onnx_versions": library_versions(("onnxruntime", "onnx", "onnxscript")),
+        "cpu_capability": cpu_capability(),
     }
     write_results("inference_backends-quick" if args.quick else "inference_backends", data, "\n".join(lines))
 
