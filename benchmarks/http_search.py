@@ -134,7 +134,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--limit-s", type=float, default=120.0, help="time limit per load level")
-    parser.add_argument("--inference", choices=("fp32", "int8"), default="fp32", help="the server's text tower")
+    parser.add_argument(
+        "--inference", choices=("fp32", "int8", "onnx", "onnx-int8"), default="fp32", help="the server's text tower"
+    )
     parser.add_argument("--torch-threads", type=int, default=0, help="the server's threads (0: all cores)")
     parser.add_argument("--quick", action="store_true", help="100k vectors, 40 requests, concurrency 1,8")
     args = parser.parse_args()
@@ -201,6 +203,8 @@ def main() -> None:
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['qps']:.1f} |"
         )
     name = "http_search-quick" if args.quick else "http_search"
+    if args.inference.startswith("onnx"):  # beside the torch results, not over them
+        name += f"-{args.inference}"
     write_results(name, {"ready_s": ready_s, "build_s": build_s, "rows": rows}, "\n".join(lines))
 
 
