@@ -96,6 +96,29 @@ def test_mirror_hashes_match_a_flipped_copy(fruits: Image.Image) -> None:
     assert distances.mirrored
 
 
+def test_hashes_are_exactly_imagehash_of_the_photo_and_of_its_mirror(shared_data: Path) -> None:
+    """ImageHashes.of shrinks once and mirrors the small images: the bits must be those imagehash gives for the
+    (grey, size-capped) photo and for the mirrored photo, hashed the library's own way."""
+    import imagehash
+
+    from app.dupes.hashing import _hash_input, _to_int
+
+    photos = sorted((shared_data / "coco-mini" / "images").glob("*.jpg"))[:40]
+    photos += sorted((shared_data / "caltech101").glob("*/image_0001.jpg"))[:60]
+    for path in photos:
+        with Image.open(path) as image:
+            image.load()
+            grey = _hash_input(image)
+            mirror = ImageOps.mirror(grey)
+            expected = ImageHashes(
+                phash=_to_int(imagehash.phash(grey)),
+                dhash=_to_int(imagehash.dhash(grey)),
+                phash_mirror=_to_int(imagehash.phash(mirror)),
+                dhash_mirror=_to_int(imagehash.dhash(mirror)),
+            )
+            assert ImageHashes.of(image) == expected, path
+
+
 def test_re_encoded_copy_is_a_few_bits_away_and_another_photo_is_far(fruits: Image.Image, shared_data: Path) -> None:
     original = ImageHashes.of(fruits)
     copy = ImageHashes.of(_jpeg(fruits, 50))
