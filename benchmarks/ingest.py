@@ -121,7 +121,9 @@ def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool)
     base_s, base_vecs = baseline_loop(encoder, links, bs)
     reference = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels).image for p in links]
     pixels = torch.stack([encoder.preprocess_image(im) for im in reference])
-    ref_vecs = encoder.encode_images(reference, batch_size=bs)
+    # the reference: full decode and open_clip's own transform (ours resamples the crop region only)
+    ref_pixels = torch.stack([encoder.reference_preprocess(im) for im in reference])
+    ref_vecs = np.concatenate([encoder.encode_pixels(ref_pixels[i : i + bs]) for i in range(0, len(ref_pixels), bs)])
     model_s = model_only(encoder, pixels, bs)
     ours_s, ours_vecs, ours_paths = clipsearch_run(settings, encoder, folder)
     assert ours_paths == [str(p) for p in links]
