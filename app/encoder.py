@@ -19,6 +19,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import ModelLoadError
+from app.preprocess import fast_transform
 from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ class Encoder:
         if device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        from app.preprocess import fast_transform
-
         # open_clip's transform as it is (what fidelity checks compare with), and the single-pass equivalent used
         self.reference_preprocess: Callable[[Image.Image], torch.Tensor] = preprocess
         self.preprocess: Callable[[Image.Image], torch.Tensor] = fast_transform(preprocess)

@@ -163,22 +163,11 @@ def test_onnx_modes_run_on_the_cpu_only() -> None:
 def test_a_torch_built_index_is_served_through_onnx_runtime_and_the_service_says_so(
     tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Encoder, shared_data: Path
 ) -> None:
-    from fastapi.testclient import TestClient
+    from tests.api.conftest import assert_served_in_mode
 
-    from app.api import create_app
-    from tests.api.conftest import api_settings, build_index
-    from tests.helpers import copy_photos
-
-    copy_photos(tmp_path / "catalog", 4)
-    build_index(api_settings(tmp_path / "data", tiny_model_dir), tiny_encoder, [tmp_path / "catalog"])
-    with TestClient(create_app(api_settings(tmp_path / "data", tiny_model_dir, inference="onnx-int8"))) as client:
-        ready = client.get("/readyz")
-        assert ready.status_code == 200, ready.text
-        assert ready.json()["inference"] == "onnx-int8" and ready.json()["index_count"] == 4
-        hits = client.get("/search", params={"q": "a photo"})
-        assert hits.status_code == 200 and len(hits.json()["hits"]) >= 1, hits.text
+    data_dir = assert_served_in_mode(tmp_path, tiny_model_dir, tiny_encoder, "onnx-int8")
     # the export went to the data dir, where the next start finds it
-    assert sorted(p.name for p in (tmp_path / "data" / "onnx").glob("*/*.onnx")) == [
+    assert sorted(p.name for p in (data_dir / "onnx").glob("*/*.onnx")) == [
         "image-int8.onnx",
         "image.onnx",
         "text-int8.onnx",

@@ -142,17 +142,6 @@ def test_int8_keeps_the_trained_models_embeddings_and_neighbours(
 def test_an_index_built_in_fp32_is_served_by_an_int8_service_that_says_so(
     tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Encoder, shared_data: Path
 ) -> None:
-    from fastapi.testclient import TestClient
+    from tests.api.conftest import assert_served_in_mode
 
-    from app.api import create_app
-    from tests.api.conftest import api_settings, build_index
-    from tests.helpers import copy_photos
-
-    copy_photos(tmp_path / "catalog", 4)
-    build_index(api_settings(tmp_path / "data", tiny_model_dir), tiny_encoder, [tmp_path / "catalog"])
-    with TestClient(create_app(api_settings(tmp_path / "data", tiny_model_dir, inference="int8"))) as client:
-        ready = client.get("/readyz")
-        assert ready.status_code == 200, ready.text
-        assert ready.json()["inference"] == "int8" and ready.json()["index_count"] == 4
-        hits = client.get("/search", params={"q": "a photo"})
-        assert hits.status_code == 200 and len(hits.json()["hits"]) >= 1, hits.text
+    assert_served_in_mode(tmp_path, tiny_model_dir, tiny_encoder, "int8")

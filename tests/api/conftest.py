@@ -95,6 +95,21 @@ def api_settings(data_dir: Path, model_dir: Path, **overrides: object) -> Settin
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def assert_served_in_mode(tmp_path: Path, model_dir: Path, encoder: Encoder, inference: str) -> Path:
+    """Index 4 real photos with the fp32 torch encoder, serve that index with ``inference`` and check that the
+    service is ready, says which mode it runs and answers a search. Returns the data dir."""
+    data_dir = tmp_path / "data"
+    copy_photos(tmp_path / "catalog", 4)
+    build_index(api_settings(data_dir, model_dir), encoder, [tmp_path / "catalog"])
+    with TestClient(create_app(api_settings(data_dir, model_dir, inference=inference))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["inference"] == inference and ready.json()["index_count"] == 4
+        hits = client.get("/search", params={"q": "a photo"})
+        assert hits.status_code == 200 and len(hits.json()["hits"]) >= 1, hits.text
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def catalog(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Catalog:
     return make_catalog(tmp_path_factory.mktemp("api-catalog"))
