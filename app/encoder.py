@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +17,11 @@ from PIL import Image
 
 from app.config import Settings
 from app.errors import ModelLoadError
+from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
 from app.preprocess import fast_transform
 from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
-
-LOCAL_DIR_PREFIX = "local-dir:"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What identifies the vectors a model produces: two specs that differ cannot share an index."""
-
-    name: str
-    pretrained: str
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ModelSpec:
-        name = settings.model.strip()
-        if not name:
-            raise ModelLoadError("CLIPSEARCH_MODEL is empty: set it to an open_clip model name such as ViT-B-32")
-        if name.startswith(LOCAL_DIR_PREFIX):
-            folder = Path(name[len(LOCAL_DIR_PREFIX) :]).expanduser().resolve()
-            # A local-dir model carries its own weights: the pretrained setting does not apply.
-            return cls(name=f"{LOCAL_DIR_PREFIX}{folder}", pretrained="")
-        pretrained = settings.pretrained.strip()
-        if pretrained and os.path.exists(os.path.expanduser(pretrained)):
-            pretrained = str(Path(pretrained).expanduser().resolve())
-        return cls(name=name, pretrained=pretrained)
-
-    @property
-    def store_key(self) -> str:
-        """The model column of the store's rows: the architecture and its weights, so that changing only
-        CLIPSEARCH_PRETRAINED re-embeds the catalog instead of mixing two embedding spaces."""
-        return f"{self.name}|{self.pretrained}" if self.pretrained else self.name
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.pretrained})" if self.pretrained else self.name
-
-    def cli_hint(self) -> str:
-        """The settings that select this model, as a person would type them."""
-        hint = f"CLIPSEARCH_MODEL={self.name}"
-        if not self.name.startswith(LOCAL_DIR_PREFIX):
-            hint += f" CLIPSEARCH_PRETRAINED={self.pretrained}"
-        return hint
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -126,6 +84,21 @@ class Encoder:
         self.dim = _embed_dim(model, self.tokenizer, device)
         # One model call at a time: torch already uses every core, and GPU memory is shared.
         self._lock = threading.Lock()
+        if self._onnx is not None:
+            self._record_onnx_start(onnx_cache_dir)
+
+    def _record_onnx_start(self, cache_dir: Path | None) -> None:
+        """Let the next service start skip torch (app.onnx_encoder); a failure here only costs that."""
+        if cache_dir is None:
+            return
+        try:
+            from open_clip.tokenizer import default_bpe
+
+            from app.onnx_encoder import write_launch_record
+
+            write_launch_record(self, cache_dir, self._onnx, self.tokenizer, Path(default_bpe()))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not write the ONNX launch record for %s: %s", self.spec.label, exc)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Encoder:

@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
+
+from app.pixels import CropResize
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -38,34 +39,18 @@ class CenterCropResize:
 
     def __init__(self, size: int, resample: Image.Resampling, mean: Any, std: Any, fallback: Transform) -> None:
         self.fallback = fallback  # the original transform: for modes it resamples differently (palette, alpha)
-        self.size = int(size)
-        self.resample = resample
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        # (x / 255 - mean) / std as one multiply-add per pixel
-        self.scale = 1.0 / (255.0 * std_t)
-        self.offset = -mean_t / std_t
+        self.core = CropResize.of(size, resample, mean, std)  # the torch-free arithmetic (app.pixels)
+        self.size = self.core.size
+        self.resample = self.core.resample
 
     def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region of the original that becomes the SxS crop, with torchvision's sizes and rounding."""
-        s = self.size
-        if width <= height:
-            resized_w, resized_h = s, int(s * height / width)
-        else:
-            resized_w, resized_h = int(s * width / height), s
-        left = int(round((resized_w - s) / 2.0))
-        top = int(round((resized_h - s) / 2.0))
-        sx, sy = width / resized_w, height / resized_h
-        return (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return self.core.source_box(width, height)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode not in ("RGB", "L"):
             return self.fallback(image)  # decode_image gives RGB: this is for other callers
-        if image.mode == "L":  # grey resamples like its RGB conversion (three equal channels)
-            image = image.convert("RGB")
-        crop = image.resize((self.size, self.size), self.resample, box=self.source_box(*image.size))
-        pixels = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).to(torch.float32).contiguous()
-        return pixels.mul_(self.scale).add_(self.offset)
+        return torch.from_numpy(self.core.array(image))
 
     def __repr__(self) -> str:
         return f"CenterCropResize(size={self.size}, resample={self.resample.name})"

@@ -20,20 +20,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings
 from app.cutoff import CutoffChoice, QueryKind, relevance_cutoff
-from app.encoder import Encoder, ModelSpec
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
+from app.model_spec import ModelSpec
+from app.onnx_encoder import OnnxEncoder, load_encoder
 from app.preload import IndexPreload
 from app.store import ImageLabels, ImageRecord, ImageStatus, Store, StoredTag, TagKind
 from app.tagging import TaggingPlan, label_names
+
+if TYPE_CHECKING:
+    from app.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +390,7 @@ class _RecordCache:
 class SearchService:
     """Answers queries from the current index; picks up a newer index written by the indexer."""
 
-    def __init__(self, settings: Settings, encoder: Encoder, store: Store) -> None:
+    def __init__(self, settings: Settings, encoder: Encoder | OnnxEncoder, store: Store) -> None:
         self.settings = settings
         self.encoder = encoder
         self.store = store
@@ -826,7 +830,7 @@ def open_service(
     the index read meanwhile on a background thread)."""
     store = Store(settings.effective_database_url)
     try:
-        service = SearchService(settings, Encoder.from_settings(settings), store)
+        service = SearchService(settings, load_encoder(settings), store)
         if require_index:
             service.load_index(preload)
     except BaseException:

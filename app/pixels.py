@@ -1,0 +1,62 @@
+"""The model input of a photo as a numpy array: one resample of the centre crop's region, then normalisation.
+
+The torch-free core of ``app.preprocess.CenterCropResize`` (which wraps it in a tensor), shared with the
+service's ONNX start (``app.onnx_encoder``), which answers image queries without importing torch. The
+arithmetic is the same float32 multiply-add in both, so both give the same pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class CropResize:
+    """Resize-shorter-side-to-``size`` then centre-crop ``size`` x ``size`` (torchvision's sizes and rounding),
+    as one resize of the crop's source region, then ``(x / 255 - mean) / std`` per channel."""
+
+    size: int
+    resample: Image.Resampling
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, size: int, resample: Image.Resampling, mean: Sequence[float], std: Sequence[float]) -> CropResize:
+        return cls(int(size), Image.Resampling(resample), tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region of the original that becomes the crop."""
+        s = self.size
+        if width <= height:
+            resized_w, resized_h = s, int(s * height / width)
+        else:
+            resized_w, resized_h = int(s * width / height), s
+        left = int(round((resized_w - s) / 2.0))
+        top = int(round((resized_h - s) / 2.0))
+        sx, sy = width / resized_w, height / resized_h
+        return (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The ``size`` x ``size`` RGB crop of an RGB or greyscale image."""
+        if image.mode == "L":  # grey resamples like its RGB conversion (three equal channels)
+            image = image.convert("RGB")
+        return image.resize((self.size, self.size), self.resample, box=self.source_box(*image.size))
+
+    def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel float32 (scale, offset), shape (3, 1, 1): ``x * scale + offset`` normalises a 0..255 value."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+        scale = np.float32(1.0) / (np.float32(255.0) * std)
+        return scale.astype(np.float32), (-mean / std).astype(np.float32)
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """(3, size, size) float32, normalised, of an RGB or greyscale image."""
+        pixels = np.asarray(self.crop(image), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
+        scale, offset = self.scale_offset()
+        pixels *= scale
+        pixels += offset
+        return pixels
