@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(default=32, ge=1, le=4096)
     decode_workers: int = Field(default_factory=_default_workers, ge=1, le=256)
+    decode_overlap: Literal["auto", "always", "between-batches"] = Field(
+        default="auto",
+        description="When the indexer's decode workers run: 'always' (alongside the model), 'between-batches' "
+        "(only while the model is idle: on a CPU the model's threads use every core, and a decode thread that "
+        "takes one makes the others wait), 'auto': between batches when the model runs on the CPU.",
+    )
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 
-# name -> the arguments of its quick mode (None: no quick mode, skipped by --quick)
-PERFORMANCE: dict[str, list[str] | None] = {
-    "ingest": ["--quick"],
-    "query_path": ["--quick"],
-    "index_scale": None,
-    "http_search": ["--quick"],
-    "inference_backends": ["--quick"],
+# name -> (module, arguments, the extra arguments of its quick mode: None = no quick mode, skipped by --quick)
+PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
+    "ingest": ("ingest", [], ["--quick"]),
+    "query_path": ("query_path", [], ["--quick"]),
+    "index_scale": ("index_scale", [], None),
+    "http_search": ("http_search", [], ["--quick"]),
+    "http_search-onnx-int8": ("http_search", ["--inference", "onnx-int8"], ["--quick"]),
+    "inference_backends": ("inference_backends", [], ["--quick"]),
 }
 
 
@@ -40,11 +41,11 @@ def main() -> int:
         parser.error(f"name benchmarks from {', '.join(PERFORMANCE)}, or pass --all{hint}")
     failed = []
     for name in names:
-        quick_args = PERFORMANCE[name]
+        module, fixed_args, quick_args = PERFORMANCE[name]
         if args.quick and quick_args is None:
             print(f"== {name}: no quick mode, skipped (run it alone for its full figures)", flush=True)
             continue
-        cmd = [sys.executable, "-m", f"benchmarks.{name}", *(quick_args if args.quick else []), *extra]
+        cmd = [sys.executable, "-m", f"benchmarks.{module}", *fixed_args, *(quick_args if args.quick else []), *extra]
         print(f"== {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         code = subprocess.call(cmd)

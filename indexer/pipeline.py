@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
@@ -224,6 +225,8 @@ class Indexer:
         # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
         self.tagging = TaggingPlan.from_settings(settings)
         self.part_writer = part_writer or self._write_parts
+        self._model_idle = threading.Event()  # cleared while a batch is in the model (decode_between_batches)
+        self._model_idle.set()
 
     def run(
         self,
@@ -346,7 +349,28 @@ class Indexer:
     # --- the decode pool and batched encode -----------------------------------------------------
 
     def _prepare(self, info: FileInfo, known_shas: set[str], hash_only: bool = False) -> Prepared:
+        self._model_idle.wait()  # see decode_between_batches
         return prepare_file(info, read_local, self.prepare_options, known_shas, hash_only)
+
+    @property
+    def decode_between_batches(self) -> bool:
+        """Whether decode workers pause while the model runs (CLIPSEARCH_DECODE_OVERLAP). On a CPU the model's
+        threads share out each operation and meet at its end: a decode thread that takes one of their cores
+        delays all of them, so decoding between batches, on every core, loses less than decoding alongside."""
+        mode = self.settings.decode_overlap
+        if mode == "auto":
+            device = getattr(self.encoder, "device", None)
+            return getattr(device, "type", "cpu") == "cpu"
+        return mode == "between-batches"
+
+    def _embed(self, batch: list[Prepared]) -> np.ndarray:
+        gate = self.decode_between_batches and bool(batch)
+        if gate:
+            self._model_idle.clear()
+        try:
+            return embed_batch(self.encoder, batch)
+        finally:
+            self._model_idle.set()
 
     def _prepared_stream(self, plan: Plan) -> Iterator[Prepared]:
         """Decode on a thread pool, in order, with a bounded number of files in flight."""
@@ -370,7 +394,7 @@ class Indexer:
 
         def flush() -> None:
             nonlocal batches_done
-            self.commit(batch, embed_batch(self.encoder, batch), others, plan, summary, touched)
+            self.commit(batch, self._embed(batch), others, plan, summary, touched)
             bar.update(len(batch) + len(others))
             batch.clear()
             others.clear()

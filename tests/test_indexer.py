@@ -307,3 +307,69 @@ def test_perceptual_hashes_are_stored_and_backfilled_without_re_embedding(
     assert dict(store.iter_hashes()) == hashes
     again = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
     assert (again.embedded, again.hashed) == (0, 0)
+
+
+class _SlowRecordingEncoder:
+    """The tiny encoder, with each model call held 100 ms longer and its time span recorded."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self._encoder = encoder
+        self.spans: list[tuple[float, float]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._encoder, name)
+
+    def encode_pixels(self, batch):  # type: ignore[no-untyped-def]
+        import time
+
+        start = time.perf_counter()
+        out = self._encoder.encode_pixels(batch)
+        time.sleep(0.1)
+        self.spans.append((start, time.perf_counter()))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["between-batches", "always"])
+def test_decode_workers_pause_while_the_model_runs_unless_told_to_overlap(
+    settings: Settings,
+    store: Store,
+    tiny_encoder: Encoder,
+    photos: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    import time
+
+    from indexer import pipeline
+
+    started: list[float] = []
+    real_prepare = pipeline.prepare_file
+
+    def recording_prepare(*args, **kwargs):  # type: ignore[no-untyped-def]
+        started.append(time.perf_counter())
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_file", recording_prepare)
+    encoder = _SlowRecordingEncoder(tiny_encoder)
+    run_settings = settings.with_overrides(batch_size=4, decode_workers=2, decode_overlap=mode)
+    indexer = Indexer(run_settings, store, encoder, progress=False)  # type: ignore[arg-type]
+    assert indexer.decode_between_batches == (mode == "between-batches")
+    summary = indexer.run([photos[0].parent])
+    assert summary.added == len(photos) and len(encoder.spans) >= 3
+    # 20 ms of grace: a worker that passed the gate just before the model call began may start its file
+    during = [t for t in started if any(a + 0.02 < t < b for a, b in encoder.spans)]
+    if mode == "between-batches":
+        assert not during, f"{len(during)} files started decoding while the model ran"
+    else:
+        assert during, "no file was decoded alongside the model"
+
+
+def test_decode_overlap_auto_pauses_decoding_on_a_cpu_only(
+    settings: Settings, store: Store, tiny_encoder: Encoder
+) -> None:
+    assert Indexer(settings, store, tiny_encoder, progress=False).decode_between_batches  # the tiny encoder: CPU
+
+    class OnGpu(_SlowRecordingEncoder):
+        device = type("Device", (), {"type": "cuda"})()
+
+    assert not Indexer(settings, store, OnGpu(tiny_encoder), progress=False).decode_between_batches  # type: ignore[arg-type]
