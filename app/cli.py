@@ -110,7 +110,7 @@ def index(
     """Index (or update the index of) the images under PATHS."""
     from app.encoder import Encoder
     from app.store import Store
-    from indexer import Indexer
+    from indexer import Indexer, IndexSummary
 
     if not paths and not compact:
         raise click.UsageError("give the folders (or URLs) to index as PATHS")
@@ -125,6 +125,7 @@ def index(
     if not paths:
         click.echo(Indexer(settings, store, encoder, progress=progress).compact_index())
         return
+    summary: IndexSummary
     try:
         if engine == "ray":
             from indexer.ray_engine import RayIndexer

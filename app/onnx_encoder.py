@@ -329,7 +329,8 @@ def write_launch_record(
         reasons.append("its text tower is not open_clip's causal one")
     if not isinstance(encoder.preprocess, CenterCropResize):
         reasons.append("its image preprocessing is not the standard resize + centre crop")
-    if type(reference_tokenizer).__name__ != "SimpleTokenizer" or getattr(reference_tokenizer, "reduction_fn", 1):
+    plain_clip_tokenizer = getattr(reference_tokenizer, "reduction_fn", "missing") is None
+    if type(reference_tokenizer).__name__ != "SimpleTokenizer" or not plain_clip_tokenizer:
         reasons.append("its tokenizer is not open_clip's CLIP tokenizer")
     if reasons:
         log.info("no ONNX start for %s: %s", spec.label, "; ".join(reasons))
