@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     text,
@@ -330,6 +331,11 @@ class Store:
                         ),
                     )
         return found
+
+    def ping(self) -> None:
+        """Raise SQLAlchemyError when the database cannot be reached (a trivial query)."""
+        with self._sessions() as session:
+            session.execute(select(literal(1)))
 
     def count_indexed(self, model: str) -> int:
         stmt = select(func.count()).where(
