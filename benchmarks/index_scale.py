@@ -18,7 +18,7 @@ import time
 import faiss
 import numpy as np
 
-from app.index import FLAT, IVF_SQ8, VectorIndex, nlist_for
+from app.index import FLAT, IVF_SQ8, VectorIndex, nlist_for, training_size_for
 from benchmarks.common import write_results
 
 DIM = 512
@@ -66,7 +66,9 @@ def run_size(n: int, n_queries: int, rng: np.random.Generator) -> list[dict[str,
     data = clip_like(n, rng, centers)
     queries = clip_like(n_queries, rng, centers)
     ids = np.arange(n, dtype=np.int64)
-    sample = data[rng.choice(n, size=min(n, 100_000), replace=False)]
+    # The indexer's rule: lists from the catalog size, trained on up to 256 points per list.
+    nlist = nlist_for(n)
+    sample = data[rng.choice(n, size=min(n, training_size_for(nlist)), replace=False)]
 
     rows: list[dict[str, object]] = []
 
@@ -94,7 +96,7 @@ def run_size(n: int, n_queries: int, rng: np.random.Generator) -> list[dict[str,
     record("flat (exact)", flat_build, serialized_bytes(flat._index), lambda q: flat.search(q, 10), "")
 
     t0 = time.perf_counter()
-    ivf = VectorIndex.create(DIM, IVF_SQ8, sample)
+    ivf = VectorIndex.create(DIM, IVF_SQ8, sample, count=n)
     ivf.add(ids, data)
     ivf_build = time.perf_counter() - t0
     ivf_bytes = serialized_bytes(ivf._index)
@@ -105,7 +107,7 @@ def run_size(n: int, n_queries: int, rng: np.random.Generator) -> list[dict[str,
             ivf_build,
             ivf_bytes,
             lambda q: ivf.search(q, 10),
-            f"nlist {nlist_for(len(sample))}, nprobe {nprobe}",
+            f"nlist {nlist}, nprobe {nprobe}",
         )
 
     if n <= HNSW_MAX:  # HNSW's build (and 2+ KB per vector) is out of reach past this on 2 cores
@@ -120,7 +122,6 @@ def run_size(n: int, n_queries: int, rng: np.random.Generator) -> list[dict[str,
             record("hnsw32 flat", hnsw_build, hnsw_bytes, lambda q: hnsw.search(q, 10), f"efSearch {ef}")
 
     t0 = time.perf_counter()
-    nlist = nlist_for(len(sample))
     pq = faiss.index_factory(DIM, f"IVF{nlist},PQ64x8,RFlat", faiss.METRIC_INNER_PRODUCT)
     pq.train(sample)
     pq.add(data)
