@@ -347,6 +347,9 @@ def test_decode_workers_pause_while_the_model_runs_unless_told_to_overlap(
 
     def recording_prepare(*args, **kwargs):  # type: ignore[no-untyped-def]
         started.append(time.perf_counter())
+        # 50 ms a file: workers cannot finish the files in flight before a model call starts, so with
+        # 'always' some start during it whatever the machine's speed
+        time.sleep(0.05)
         return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "prepare_file", recording_prepare)
