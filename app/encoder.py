@@ -18,6 +18,7 @@ from PIL import Image
 from app.config import Settings
 from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
+from app.onnx_encoder import encode_in_batches, normalise
 from app.preprocess import fast_transform
 from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
@@ -134,11 +135,7 @@ class Encoder:
         return _normalise(features)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-        chunks = [
-            self.encode_pixels(torch.stack([self.preprocess_image(im) for im in images[i : i + batch_size]]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+        return encode_in_batches(self, images, batch_size, torch.stack)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, *, truncate: bool = True) -> np.ndarray:
         """Encode texts. With ``truncate`` (default), causal towers run only up to the longest real
@@ -240,9 +237,7 @@ def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
 def _normalise(features: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(features, torch.Tensor):
         features = features.float().cpu().numpy()
-    vectors = features.astype(np.float32, copy=False)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+    return normalise(features)
 
 
 def _image_size(model: torch.nn.Module) -> int:

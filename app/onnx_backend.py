@@ -24,15 +24,15 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from app.onnx_encoder import OnnxTowers
+from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
 
 log = logging.getLogger(__name__)
@@ -215,9 +215,7 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
 def new_session(path: Path, threads: int = 0) -> Any:
     """An ORT CPU session on ``path`` with ``threads`` intra-op threads (0: torch's count); see
     app.onnx_encoder.new_session."""
-    from app.onnx_encoder import new_session as session
-
-    return session(path, threads or torch.get_num_threads())
+    return onnx_session(path, threads or torch.get_num_threads())
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -254,29 +252,6 @@ def _version(package: str) -> str:
 def tower_path(folder: Path, tower: str, mode: str) -> Path:
     """Where the ``tower`` ('text' | 'image') of ``mode`` lives in a model's cache ``folder``."""
     return folder / (f"{tower}-int8.onnx" if mode == ONNX_INT8 else f"{tower}.onnx")
-
-
-@dataclass
-class OnnxTowers:
-    """ORT sessions for the towers that could be exported (None: that tower stays on torch)."""
-
-    mode: str
-    folder: Path
-    text: Any | None
-    image: Any | None
-
-    def encode_text(self, tokens: np.ndarray, pooled_at: np.ndarray) -> np.ndarray:
-        """Text features (not normalised) of ``tokens`` (batch, length) pooled at ``pooled_at`` (batch,)."""
-        assert self.text is not None
-        feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), "pooled_at": pooled_at.astype(np.int64)}
-        features: np.ndarray = self.text.run(None, feeds)[0]
-        return features
-
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        """Image features (not normalised) of preprocessed ``pixels`` (batch, 3, H, W)."""
-        assert self.image is not None
-        features: np.ndarray = self.image.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-        return features
 
 
 def load_towers(

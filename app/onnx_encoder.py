@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -160,6 +160,32 @@ def new_session(path: Path, threads: int = 0) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@dataclass
+class OnnxTowers:
+    """ORT sessions for a model's exported towers (None: that tower was not exported and stays on torch).
+
+    Built by ``app.onnx_backend.load_towers`` in a torch process and by :class:`OnnxEncoder` without torch; both
+    feed the sessions through these two methods."""
+
+    mode: str
+    folder: Path
+    text: Any | None
+    image: Any | None
+
+    def encode_text(self, tokens: np.ndarray, pooled_at: np.ndarray) -> np.ndarray:
+        """Text features (not normalised) of ``tokens`` (batch, length) pooled at ``pooled_at`` (batch,)."""
+        assert self.text is not None
+        feeds = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), "pooled_at": pooled_at.astype(np.int64)}
+        features: np.ndarray = self.text.run(None, feeds)[0]
+        return features
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Image features (not normalised) of preprocessed ``pixels`` (batch, 3, H, W)."""
+        assert self.image is not None
+        features: np.ndarray = self.image.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+        return features
+
+
 class OnnxEncoder:
     """The part of :class:`app.encoder.Encoder` the service uses, on ONNX Runtime, numpy and Pillow only."""
 
@@ -192,7 +218,9 @@ class OnnxEncoder:
         image_thread.join()
         if errors:
             raise errors[0]
-        self._text, self._image = sessions["text"], sessions["image"]
+        self.towers = OnnxTowers(
+            mode=record.mode, folder=Path(record.text_file[0]).parent, text=sessions["text"], image=sessions["image"]
+        )
         self._lock = threading.Lock()  # one model call at a time, as the torch encoder does
 
     @classmethod
@@ -254,9 +282,8 @@ class OnnxEncoder:
             tokens = self.tokenizer(items[start : start + batch_size])
             pooled_at = self.pooled_positions(tokens)
             length = int(pooled_at.max()) + 1 if truncate else tokens.shape[1]
-            feeds = {"tokens": np.ascontiguousarray(tokens[:, :length]), "pooled_at": pooled_at.astype(np.int64)}
             with self._lock:
-                out.append(normalise(self._text.run(None, feeds)[0]))
+                out.append(normalise(self.towers.encode_text(tokens[:, :length], pooled_at)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
@@ -267,18 +294,25 @@ class OnnxEncoder:
     def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
         """A batch of preprocessed images (N, 3, H, W) as (N, dim) unit vectors."""
         with self._lock:
-            features = self._image.run(None, {"pixels": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+            features = self.towers.encode_image(batch)
         return normalise(features)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
-        chunks = [
-            self.encode_pixels(np.stack([self.preprocess_image(im) for im in images[i : i + batch_size]]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), dtype=np.float32)
+        return encode_in_batches(self, images, batch_size, np.stack)
+
+
+def encode_in_batches(encoder: Any, images: Sequence[Image.Image], batch_size: int, stack: Callable) -> np.ndarray:
+    """``images`` as (N, dim) unit vectors through ``encoder.preprocess_image`` and ``encoder.encode_pixels``,
+    ``batch_size`` at a time; ``stack`` joins one batch's preprocessed images (np.stack or torch.stack)."""
+    chunks = [
+        encoder.encode_pixels(stack([encoder.preprocess_image(im) for im in images[i : i + batch_size]]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float32)
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
+    """Rows of ``features`` scaled to unit length, as contiguous float32 (a zero row stays zero)."""
     vectors = np.asarray(features, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)

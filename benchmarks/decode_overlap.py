@@ -12,19 +12,14 @@ model-only rate. Results: benchmarks/results/decode_overlap.*
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import tempfile
-from pathlib import Path
 
 import torch
 
 from app.config import Settings
 from app.encoder import Encoder
-from app.imaging import decode_image
 from benchmarks.common import write_results
-from benchmarks.ingest import NO_TAGS, clipsearch_run, model_only, pick_photos
+from benchmarks.ingest import NO_TAGS, clipsearch_run, decoded_pixels, model_only, photo_folder, pick_photos
 from tests.helpers import INSTRUMENT_MODEL
 
 MODES = ("always", "between-batches")
@@ -33,23 +28,17 @@ MODES = ("always", "between-batches")
 def bench(label: str, settings: Settings, count: int, rounds: int) -> dict[str, object]:
     torch.manual_seed(0)
     encoder = Encoder.from_settings(settings)
-    photos = pick_photos(count)
-    folder = Path(tempfile.mkdtemp(prefix="bench-overlap-"))
-    try:
-        for i, p in enumerate(photos):
-            os.symlink(p, folder / f"{i:05d}{p.suffix.lower()}")
-        decoded = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels).image for p in photos]
-        pixels = torch.stack([encoder.preprocess_image(im) for im in decoded])
+    with photo_folder(pick_photos(count)) as links:
+        _, pixels = decoded_pixels(encoder, settings, links)
         encoder.encode_pixels(pixels[: settings.batch_size])  # warm-up
         rates: dict[str, list[float]] = {"model-only": [], **{m: [] for m in MODES}}
         for r in range(rounds):
             rates["model-only"].append(count / model_only(encoder, pixels, settings.batch_size))
             for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                seconds, _, _ = clipsearch_run(settings.with_overrides(decode_overlap=mode), encoder, folder)
+                overlap = settings.with_overrides(decode_overlap=mode)
+                seconds, _, _ = clipsearch_run(overlap, encoder, links[0].parent)
                 rates[mode].append(count / seconds)
             print(label, r, {k: round(v[-1], 2) for k, v in rates.items()}, flush=True)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     medians = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "model": label,

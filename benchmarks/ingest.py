@@ -2,7 +2,8 @@
 
     python -m benchmarks.ingest [--images N] [--models vit,instrument] [--no-int8] [--quick]
 
-Each model is timed in one run on the same real photos, batch size and thread count:
+Each model is timed in one run on the same real photos, batch size and thread count, in interleaved rounds
+(--rounds, default 3; the order of the paths rotates per round) reporting each path's median rate:
 - baseline: the loop people write (Image.open -> preprocess -> stack -> encode_image), one thread decoding;
 - model-only: encode_image on tensors decoded beforehand (the bound for a model-bound setup);
 - clipsearch: Indexer.run on a fresh data dir (walk, hash, decode pool, batched encode, commits, index save);
@@ -19,10 +20,13 @@ Results: benchmarks/results/ingest.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,51 +109,88 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, k: int = 10) -> dict[
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "top10_overlap": float(overlap)}
 
 
-def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool) -> dict[str, object]:
+@contextlib.contextmanager
+def photo_folder(photos: list[Path]) -> Iterator[list[Path]]:
+    """A temporary flat folder of symlinks to ``photos``, named in their order; yields the links."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-photos-"))
+    try:
+        links = []
+        for i, p in enumerate(photos):
+            link = folder / f"{i:05d}{p.suffix.lower()}"
+            os.symlink(p, link)
+            links.append(link)
+        yield links
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def decoded_pixels(encoder: Encoder, settings: Settings, paths: list[Path]) -> tuple[list[Image.Image], torch.Tensor]:
+    """The photos fully decoded (EXIF orientation applied, no draft mode) and our preprocessing of them."""
+    images = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels).image for p in paths]
+    return images, torch.stack([encoder.preprocess_image(im) for im in images])
+
+
+def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool, rounds: int) -> dict[str, object]:
+    """Every path once per round, the order rotated per round so that none always runs first or last; the
+    rates reported are each path's median over the rounds, and the ratios are taken between medians."""
     torch.manual_seed(0)
     encoder = Encoder.from_settings(settings)
-    folder = Path(tempfile.mkdtemp(prefix="bench-photos-"))
-    links = []
-    for i, p in enumerate(photos):  # one flat folder, names in the same order as `photos`
-        link = folder / f"{i:05d}{p.suffix.lower()}"
-        os.symlink(p, link)
-        links.append(link)
     bs = settings.batch_size
     # warm-up: first calls allocate and pick kernels
     encoder.encode_pixels(torch.stack([encoder.preprocess_image(Image.open(photos[0]).convert("RGB"))] * bs))
+    with photo_folder(photos) as links:
+        reference, pixels = decoded_pixels(encoder, settings, links)
+        # the reference: full decode and open_clip's own transform (ours resamples the crop region only)
+        ref_pixels = torch.stack([encoder.reference_preprocess(im) for im in reference])
+        ref_vecs = np.concatenate([encoder.encode_pixels(ref_pixels[i : i + bs]) for i in range(0, len(links), bs)])
+        qmodel = quantize(encoder.model, INT8) if quant else None
+        if qmodel is not None:
+            model_only(encoder, pixels[:bs], bs, model=qmodel)  # warm-up
+        vectors: dict[str, np.ndarray] = {}
 
-    base_s, base_vecs = baseline_loop(encoder, links, bs)
-    reference = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels).image for p in links]
-    pixels = torch.stack([encoder.preprocess_image(im) for im in reference])
-    # the reference: full decode and open_clip's own transform (ours resamples the crop region only)
-    ref_pixels = torch.stack([encoder.reference_preprocess(im) for im in reference])
-    ref_vecs = np.concatenate([encoder.encode_pixels(ref_pixels[i : i + bs]) for i in range(0, len(ref_pixels), bs)])
-    model_s = model_only(encoder, pixels, bs)
-    ours_s, ours_vecs, ours_paths = clipsearch_run(settings, encoder, folder)
-    assert ours_paths == [str(p) for p in links]
-    n = len(photos)
+        def baseline() -> float:
+            seconds, vectors["baseline"] = baseline_loop(encoder, links, bs)
+            return seconds
+
+        def clipsearch() -> float:
+            seconds, vectors["clipsearch"], paths = clipsearch_run(settings, encoder, links[0].parent)
+            assert paths == [str(p) for p in links]
+            return seconds
+
+        paths: dict[str, Callable[[], float]] = {
+            "baseline": baseline,
+            "model_only": lambda: model_only(encoder, pixels, bs),
+            "clipsearch": clipsearch,
+        }
+        if qmodel is not None:
+            paths["int8_model_only"] = lambda: model_only(encoder, pixels, bs, model=qmodel)
+        names = list(paths)
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                rates[name].append(len(photos) / paths[name]())
+            print(label, "round", r + 1, {k: round(v[-1], 2) for k, v in rates.items()}, flush=True)
+    med = {name: statistics.median(v) for name, v in rates.items()}
     row: dict[str, object] = {
         "model": label,
-        "images": n,
+        "images": len(photos),
         "batch_size": bs,
-        "baseline_img_s": n / base_s,
-        "model_only_img_s": n / model_s,
-        "clipsearch_img_s": n / ours_s,
-        "ours_vs_model_only": model_s / ours_s,
-        "ours_vs_baseline": base_s / ours_s,
-        "fidelity_default": fidelity(ref_vecs, ours_vecs),
-        "baseline_vs_reference": fidelity(ref_vecs, base_vecs),
+        "rounds": rounds,
+        "rates_img_s": rates,
+        "baseline_img_s": med["baseline"],
+        "model_only_img_s": med["model_only"],
+        "clipsearch_img_s": med["clipsearch"],
+        "ours_vs_model_only": med["clipsearch"] / med["model_only"],
+        "ours_vs_baseline": med["clipsearch"] / med["baseline"],
+        "fidelity_default": fidelity(ref_vecs, vectors["clipsearch"]),
+        "baseline_vs_reference": fidelity(ref_vecs, vectors["baseline"]),
     }
-    if quant:
-        qmodel = quantize(encoder.model, INT8)
-        model_only(encoder, pixels[:bs], bs, model=qmodel)  # warm-up
-        q_s = model_only(encoder, pixels, bs, model=qmodel)
+    if qmodel is not None:
         with torch.inference_mode():
             qv = torch.nn.functional.normalize(qmodel.encode_image(pixels), dim=-1).numpy()
-        row["int8_model_only_img_s"] = n / q_s
-        row["int8_vs_fp32_model_only"] = model_s / q_s
+        row["int8_model_only_img_s"] = med["int8_model_only"]
+        row["int8_vs_fp32_model_only"] = med["int8_model_only"] / med["model_only"]
         row["fidelity_int8"] = fidelity(ref_vecs, qv)
-    shutil.rmtree(folder, ignore_errors=True)
     return row
 
 
@@ -159,7 +200,8 @@ def main() -> None:
     parser.add_argument("--models", default="vit,instrument")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-int8", action="store_true", help="skip the opt-in int8 path")
-    parser.add_argument("--quick", action="store_true", help="few photos: a smoke run (ingest-quick.*)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--quick", action="store_true", help="few photos, one round: a smoke run (ingest-quick.*)")
     args = parser.parse_args()
     quant = not args.no_int8
     torch.set_num_threads(THREADS)
@@ -171,19 +213,22 @@ def main() -> None:
         else:
             settings = Settings(model=f"local-dir:{INSTRUMENT_MODEL}", batch_size=args.batch_size, **NO_TAGS)
             label, count = "clipsearch-tiny-64 (trained, 64 px)", args.images or (192 if args.quick else 960)
-        rows.append(bench_model(label, settings, pick_photos(count), quant))
+        rows.append(bench_model(label, settings, pick_photos(count), quant, 1 if args.quick else args.rounds))
         print(rows[-1], flush=True)
 
     lines = [
-        "| model | images | baseline img/s | model-only img/s | clipsearch img/s | ours / model-only | ours / baseline "
-        "| mean cos | top-10 overlap |",
+        "Median of interleaved rounds (the order of the paths rotates per round); ratios between medians.",
+        "",
+        "| model | images x rounds | baseline img/s | model-only img/s | clipsearch img/s | ours / model-only "
+        "| ours / baseline | mean cos | top-10 overlap |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         f = r["fidelity_default"]
         lines.append(
-            f"| {r['model']} | {r['images']} | {r['baseline_img_s']:.1f} | {r['model_only_img_s']:.1f} | "
-            f"{r['clipsearch_img_s']:.1f} | {r['ours_vs_model_only']:.2f} | {r['ours_vs_baseline']:.2f} | "
+            f"| {r['model']} | {r['images']} x {r['rounds']} | {r['baseline_img_s']:.1f} | "
+            f"{r['model_only_img_s']:.1f} | {r['clipsearch_img_s']:.1f} | {r['ours_vs_model_only']:.2f} | "
+            f"{r['ours_vs_baseline']:.2f} | "
             f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
         )
     if quant:
