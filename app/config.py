@@ -43,10 +43,11 @@ class Settings(BaseSettings):
     )
     model_cache_dir: Path | None = Field(default=None, description="Where downloaded weights are kept.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    inference: Literal["fp32", "int8", "onnx", "onnx-int8"] = Field(
-        default="fp32",
+    inference: Literal["auto", "fp32", "int8", "onnx", "onnx-int8"] = Field(
+        default="auto",
         description="CPU inference: 'int8' quantises the model's linear layers (faster, cosine >= 0.995 to fp32); "
-        "'onnx' / 'onnx-int8' run ONNX Runtime on an export cached under data_dir/onnx (fp32 / int8).",
+        "'onnx' / 'onnx-int8' run ONNX Runtime on an export cached under data_dir/onnx (fp32 / int8); 'auto' is "
+        "'onnx' on a CPU when the weights are fixed (a file, a local-dir folder, a pretrained tag), else 'fp32'.",
     )
     torch_threads: int = Field(
         default=0,

@@ -227,7 +227,7 @@ class OnnxEncoder:
     def open(cls, settings: Settings) -> OnnxEncoder | None:
         """The encoder from a valid launch record for ``settings``, or None (with the reason logged) when the
         service must start through torch."""
-        if settings.inference not in ONNX_MODES:
+        if settings.inference not in (*ONNX_MODES, "auto"):
             return None
         if settings.device == "cuda" or (settings.device == "auto" and Path("/proc/driver/nvidia/version").exists()):
             return None  # the torch start decides (and says) what these modes do with a GPU
@@ -235,7 +235,12 @@ class OnnxEncoder:
             spec = ModelSpec.from_settings(settings)
         except Exception:  # noqa: BLE001 - the torch start reports bad settings
             return None
-        path = record_path(settings.data_dir / "onnx", spec.store_key, settings.inference)
+        mode = settings.inference
+        if mode == "auto":  # app.quantize.resolve_inference: onnx on a CPU with fixed weights
+            if weights_identity(spec) is None:
+                return None
+            mode = "onnx"
+        path = record_path(settings.data_dir / "onnx", spec.store_key, mode)
         try:
             record = LaunchRecord.from_json(path.read_text())
         except FileNotFoundError:
@@ -244,7 +249,7 @@ class OnnxEncoder:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring the unreadable ONNX launch record %s (%s): starting through torch", path, exc)
             return None
-        reason = record.stale_because(spec, settings.inference)
+        reason = record.stale_because(spec, mode)
         if reason:
             log.info("the ONNX launch record of %s is out of date (%s): starting through torch", spec.label, reason)
             return None
@@ -261,7 +266,7 @@ class OnnxEncoder:
         log.info(
             "ONNX start: %s (%s) from %s without torch, in %.2fs",
             spec.label,
-            settings.inference,
+            mode,
             Path(record.text_file[0]).parent,
             time.perf_counter() - started,
         )

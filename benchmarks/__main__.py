@@ -23,6 +23,7 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "index_scale": ("index_scale", [], None),
     "http_search": ("http_search", [], ["--quick"]),
     "http_search-onnx-int8": ("http_search", ["--inference", "onnx-int8"], ["--quick"]),
+    "http_search-auto": ("http_search", ["--inference", "auto"], ["--quick"]),
     "inference_backends": ("inference_backends", [], ["--quick"]),
 }
 

@@ -1,7 +1,7 @@
 """End-to-end HTTP: `clipsearch serve` over a large synthetic index, loaded from loopback.
 
     python -m benchmarks.http_search [--vectors 1000000] [--requests 200] [--concurrency 1,8,32]
-                                     [--inference fp32|int8|onnx|onnx-int8] [--torch-threads N] [--starts 3]
+                                     [--inference fp32|int8|onnx|onnx-int8|auto] [--torch-threads N] [--starts 3]
                                      [--ready-only] [--quick]
 
 A store of N rows and an index of N synthetic CLIP-like 512-d vectors (as `clipsearch index` would have left
@@ -173,7 +173,10 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--limit-s", type=float, default=120.0, help="time limit per load level")
     parser.add_argument(
-        "--inference", choices=("fp32", "int8", "onnx", "onnx-int8"), default="fp32", help="the server's text tower"
+        "--inference",
+        choices=("fp32", "int8", "onnx", "onnx-int8", "auto"),
+        default="fp32",
+        help="the server's CLIPSEARCH_INFERENCE (auto, the product's default, is onnx here: a CPU, fixed weights)",
     )
     parser.add_argument("--torch-threads", type=int, default=0, help="the server's threads (0: all cores)")
     parser.add_argument("--starts", type=int, default=3, help="server starts timed to /readyz (load runs on the last)")

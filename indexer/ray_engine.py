@@ -125,7 +125,10 @@ class EmbedPartitions:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.encoder = Encoder.from_settings(settings)
+        # 'auto' would have every actor export the towers to ONNX into its own data dir: actors run torch.
+        self.encoder = Encoder.from_settings(
+            settings.with_overrides(inference="fp32") if settings.inference == "auto" else settings
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_ids, out_shards = [], []

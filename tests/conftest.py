@@ -52,6 +52,20 @@ def small_tag_vocabulary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
         os.environ["CLIPSEARCH_TAG_VOCABULARY"] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_inference_by_default() -> Iterator[None]:
+    """Tests run the torch path unless they choose a mode: the default ('auto') exports both towers to ONNX once
+    per data dir with fixed weights (seconds per test). The tests that cover 'auto' and the ONNX modes pass
+    ``inference=`` or set the variable themselves (arguments win over the environment)."""
+    before = os.environ.get("CLIPSEARCH_INFERENCE")
+    os.environ["CLIPSEARCH_INFERENCE"] = "fp32"
+    yield
+    if before is None:
+        os.environ.pop("CLIPSEARCH_INFERENCE", None)
+    else:
+        os.environ["CLIPSEARCH_INFERENCE"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not DATA.exists():

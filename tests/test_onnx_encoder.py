@@ -21,7 +21,7 @@ from app.imaging import decode_image, model_draft_size
 from app.model_spec import ModelSpec
 from app.onnx_encoder import LaunchRecord, OnnxEncoder, load_encoder, record_path, weights_identity
 from tests.api.conftest import api_settings, build_index
-from tests.helpers import copy_photos, save_local_dir_model
+from tests.helpers import copy_photos, register_tiny_architecture, save_local_dir_model
 
 TEXTS = ["a dog", "a photo of a leopard", "two people walking on a beach at sunset", "", "it's 2024 &amp; caf\u00e9"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +166,46 @@ def test_the_api_serves_the_same_results_after_an_onnx_start(tmp_path: Path, mod
             assert by_image.status_code == 200, by_image.text
             results.append(([(h["id"], round(h["score"], 5)) for h in hits], by_image.json()["hits"][0]["id"]))
     assert results[0] == results[1] and len(results[0][0]) == 6
+
+
+def test_auto_means_onnx_on_a_cpu_with_fixed_weights_and_torch_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch
+
+    from app.quantize import resolve_inference
+
+    monkeypatch.delenv("CLIPSEARCH_INFERENCE")  # tests run torch by default (tests/conftest.py): the product's own
+    assert Settings().inference == "auto"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_inference("auto", cpu, fixed_weights=True) == "onnx"
+    assert resolve_inference("auto", cpu, fixed_weights=False) == "fp32"  # random weights: nothing to cache
+    assert resolve_inference("auto", cuda, fixed_weights=True) == "fp32"  # a GPU keeps torch (autocast)
+    for mode in ("fp32", "int8", "onnx", "onnx-int8"):  # a chosen mode stays as chosen
+        assert resolve_inference(mode, cpu, fixed_weights=False) == mode
+
+    name = register_tiny_architecture(tmp_path / "configs")
+    random = Settings(data_dir=tmp_path / "random", model=name, pretrained="", device="cpu", inference="auto")
+    assert OnnxEncoder.open(random) is None
+    encoder = load_encoder(random)
+    assert isinstance(encoder, Encoder) and encoder.inference == "fp32"
+    assert not (tmp_path / "random" / "onnx").exists()  # nothing exported for weights that change every start
+    gpu = Settings(data_dir=tmp_path / "gpu", model=name, pretrained="", device="cuda", inference="auto")
+    assert OnnxEncoder.open(gpu) is None
+
+
+def test_the_default_exports_once_then_starts_without_torch_with_the_same_vectors(
+    tmp_path: Path, instrument_model_dir: Path, shared_data: Path
+) -> None:
+    settings = onnx_settings(tmp_path / "data", instrument_model_dir, "auto")
+    reference = Encoder.from_settings(settings.with_overrides(inference="fp32"))
+    first = load_encoder(settings)  # a torch start: exports the towers and writes the launch record
+    assert isinstance(first, Encoder) and first.inference == "onnx"
+    spec = ModelSpec.from_settings(settings)
+    assert record_path(tmp_path / "data" / "onnx", spec.store_key, "onnx").exists()
+    light = load_encoder(settings)
+    assert isinstance(light, OnnxEncoder) and light.inference == "onnx"
+    np.testing.assert_allclose(light.encode_texts(TEXTS), reference.encode_texts(TEXTS), rtol=0, atol=1e-5)
+    images = photos(shared_data)
+    np.testing.assert_allclose(light.encode_images(images), reference.encode_images(images), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(first.encode_images(images), reference.encode_images(images), rtol=0, atol=1e-5)

@@ -100,7 +100,7 @@ def test_int8_encoder_keeps_the_model_identity_and_says_so(tiny_model_dir: Path)
 def test_int8_on_a_gpu_or_an_unknown_mode_is_refused_with_what_to_do() -> None:
     with pytest.raises(ModelLoadError, match="CLIPSEARCH_DEVICE=cpu"):
         check_inference("int8", torch.device("cuda"))
-    with pytest.raises(ModelLoadError, match="use one of fp32, int8"):
+    with pytest.raises(ModelLoadError, match="use one of auto, fp32, int8"):
         check_inference("int4", torch.device("cpu"))
     assert check_inference("fp32", torch.device("cuda")) == "fp32"
 
