@@ -20,7 +20,7 @@ from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
 from app.onnx_encoder import encode_in_batches, normalise, weights_identity
 from app.preprocess import fast_transform
-from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, resolve_inference, set_cpu_threads
+from app.quantize import AUTO, FP32, INT8, ONNX_INT8, check_inference, quantize, resolve_inference, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Encoder:
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         if self.inference not in (FP32, INT8):
-            self._onnx = _load_onnx(model, spec, self.inference, onnx_cache_dir, threads)
+            self._onnx = _load_onnx(model, spec, self.inference, onnx_cache_dir, threads, chosen=inference != AUTO)
             if self._onnx is None:
                 self.inference = FP32
         if device.type == "cpu":
@@ -206,7 +206,9 @@ def _pooled_positions(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return (tokens == model.text_eos_id).int().argmax(dim=-1)
 
 
-def _load_onnx(model: Any, spec: ModelSpec, mode: str, cache_dir: Path | None, threads: int) -> Any | None:
+def _load_onnx(
+    model: Any, spec: ModelSpec, mode: str, cache_dir: Path | None, threads: int, *, chosen: bool = True
+) -> Any | None:
     """ONNX Runtime sessions for ``model``'s towers (see app.onnx_backend), or None (with a warning saying
     why) when neither tower can run there: the encoder then stays on torch fp32."""
     try:
@@ -215,7 +217,7 @@ def _load_onnx(model: Any, spec: ModelSpec, mode: str, cache_dir: Path | None, t
         log.warning("CLIPSEARCH_INFERENCE=%s needs onnxruntime and onnx (%s): using torch fp32 instead", mode, exc)
         return None
     folder = cache_dir or Path(tempfile.gettempdir()) / "clipsearch-onnx"
-    towers = load_towers(model, spec.store_key, folder, mode, _image_size(model), threads)
+    towers = load_towers(model, spec.store_key, folder, mode, _image_size(model), threads, chosen=chosen)
     if towers.text is None and towers.image is None:
         log.warning(
             "CLIPSEARCH_INFERENCE=%s: neither tower of %s runs on ONNX Runtime; using torch fp32", mode, spec.label

@@ -255,11 +255,12 @@ def tower_path(folder: Path, tower: str, mode: str) -> Path:
 
 
 def load_towers(
-    model: Any, store_key: str, cache_root: Path, mode: str, image_size: int, threads: int = 0
+    model: Any, store_key: str, cache_root: Path, mode: str, image_size: int, threads: int = 0, *, chosen: bool = True
 ) -> OnnxTowers:
     """Sessions for ``model``'s towers in ``mode`` (onnx | onnx-int8), exporting (and quantising) into
     ``cache_root/<key>/`` what is not there yet or does not load. A tower that cannot be exported is None,
-    with a warning saying why."""
+    with a warning saying why; a tower of a kind ONNX Runtime does not take (a Hugging Face text tower) is said
+    at INFO level when the mode was not ``chosen`` by the user but picked by CLIPSEARCH_INFERENCE=auto."""
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown ONNX mode {mode!r}: use one of {', '.join(ONNX_MODES)}")
     folder = cache_root / cache_key(store_key, model)
@@ -287,10 +288,10 @@ def load_towers(
                     quantize_file(fp32_path, path)
             return new_session(path, threads)
         except OnnxExportError as exc:
-            reason = str(exc)
+            reason, level = str(exc), logging.WARNING if chosen else logging.INFO
         except Exception as exc:
-            reason = f"{exc.__class__.__name__}: {exc}"
-        log.warning("ONNX Runtime not used for the %s tower of %s: %s; it stays on torch", tower, store_key, reason)
+            reason, level = f"{exc.__class__.__name__}: {exc}", logging.WARNING
+        log.log(level, "ONNX Runtime not used for the %s tower of %s: %s; it stays on torch", tower, store_key, reason)
         return None
 
     text = session("text", lambda p: export_text_tower(model, p))

@@ -140,15 +140,20 @@ def test_a_broken_cache_file_is_rebuilt(tmp_path: Path, tiny_model_dir: Path, ti
     assert cosine >= 0.995
 
 
+@pytest.mark.parametrize("mode", ["onnx", "auto"])
 def test_a_tower_that_cannot_be_exported_stays_on_torch_with_a_warning(
-    tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Encoder, caplog, monkeypatch
+    tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Encoder, caplog, monkeypatch, mode: str
 ) -> None:
     # as for a Hugging Face text tower (bidirectional, mean/CLS pooling): no download needed to check the path
     monkeypatch.setattr(onnx_backend, "text_tower_exportable", lambda model: "its text tower is a Hugging Face one")
-    settings = Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", data_dir=tmp_path, inference="onnx")
-    with caplog.at_level(logging.WARNING, logger="app.onnx_backend"):
+    settings = Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", data_dir=tmp_path, inference=mode)
+    with caplog.at_level(logging.INFO, logger="app.onnx_backend"):
         encoder = Encoder.from_settings(settings)
-    assert "ONNX Runtime not used for the text tower" in caplog.text and "Hugging Face" in caplog.text
+    said = [r for r in caplog.records if "ONNX Runtime not used for the text tower" in r.getMessage()]
+    assert len(said) == 1 and "Hugging Face" in said[0].getMessage()
+    # a warning when the user chose an ONNX mode; with the default ('auto'), which picked it, only information
+    assert said[0].levelno == (logging.WARNING if mode == "onnx" else logging.INFO)
+    assert encoder.inference == "onnx"
     assert encoder._onnx is not None and encoder._onnx.text is None and encoder._onnx.image is not None
     np.testing.assert_allclose(encoder.encode_texts(QUERIES), tiny_encoder.encode_texts(QUERIES), atol=1e-6)
     assert not (encoder._onnx.folder / "text.onnx").exists()
