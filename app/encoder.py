@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,11 @@ class Encoder:
         inference: str = FP32,  # or 'auto' (app.quantize.resolve_inference)
         threads: int = 0,
         onnx_cache_dir: Path | None = None,
+        export_in_background: bool = False,
     ) -> None:
+        """``export_in_background`` (the service's start under 'auto'): when the ONNX export is not cached yet,
+        start on torch fp32 at once and switch to ONNX Runtime once a thread has exported the towers
+        (``onnx_ready`` is set then); otherwise the export, when needed, happens here, before the encoder is usable."""
         import open_clip
 
         if threads:
@@ -72,7 +77,11 @@ class Encoder:
         model = quantize(model, self.inference)
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
-        if self.inference not in (FP32, INT8):
+        self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
+        background_mode = None
+        if self.inference not in (FP32, INT8) and export_in_background and inference == AUTO:
+            background_mode, self.inference = self.inference, FP32  # torch until the export is done
+        elif self.inference not in (FP32, INT8):
             self._onnx = _load_onnx(model, spec, self.inference, onnx_cache_dir, threads, chosen=inference != AUTO)
             if self._onnx is None:
                 self.inference = FP32
@@ -86,8 +95,34 @@ class Encoder:
         self.dim = _embed_dim(model, self.tokenizer, device)
         # One model call at a time: torch already uses every core, and GPU memory is shared.
         self._lock = threading.Lock()
+        if background_mode is not None:
+            threading.Thread(
+                target=self._export_then_switch,
+                args=(background_mode, onnx_cache_dir, threads),
+                name="onnx-export",
+                daemon=True,
+            ).start()
+            return
         if self._onnx is not None:
             self._record_onnx_start(onnx_cache_dir)
+        self.onnx_ready.set()
+
+    def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
+        """Export (or load the cached export of) the towers while the encoder serves on torch, then use them."""
+        try:
+            started = time.perf_counter()
+            towers = _load_onnx(self.model, self.spec, mode, cache_dir, threads, chosen=False)
+            if towers is None:
+                return
+            with self._lock:  # between two model calls
+                self._onnx, self.inference = towers, mode
+            seconds = time.perf_counter() - started
+            log.info("%s now runs on ONNX Runtime (%s), ready after %.1fs", self.spec.label, mode, seconds)
+            self._record_onnx_start(cache_dir)
+        except Exception:  # noqa: BLE001 - the encoder keeps working on torch
+            log.exception("the background ONNX export of %s failed: it stays on torch", self.spec.label)
+        finally:
+            self.onnx_ready.set()
 
     def _record_onnx_start(self, cache_dir: Path | None) -> None:
         """Let the next service start skip torch (app.onnx_encoder); a failure here only costs that."""
@@ -103,7 +138,7 @@ class Encoder:
             log.warning("could not write the ONNX launch record for %s: %s", self.spec.label, exc)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Encoder:
+    def from_settings(cls, settings: Settings, *, export_in_background: bool = False) -> Encoder:
         return cls(
             ModelSpec.from_settings(settings),
             resolve_device(settings.device),
@@ -111,6 +146,7 @@ class Encoder:
             inference=settings.inference,
             threads=settings.torch_threads,
             onnx_cache_dir=settings.data_dir / "onnx",
+            export_in_background=export_in_background,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -17,11 +17,13 @@ already loaded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -199,8 +201,18 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+#: A temporary export file older than this was left by a process that stopped mid-export (a server exporting
+#: in the background, app.encoder): removed by the next export of that file.
+STALE_TEMP_SECONDS = 3600.0
+
+
 def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.stem}.*.onnx"):
+        with contextlib.suppress(OSError):  # another process may be removing it too
+            if time.time() - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
+                leftover.unlink()
+                log.info("removed %s, left by an export that did not finish", leftover)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(name)

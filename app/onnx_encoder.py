@@ -323,14 +323,16 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def load_encoder(settings: Settings) -> Encoder | OnnxEncoder:
-    """The service's encoder: the ONNX start when a valid launch record allows it, else torch's."""
+def load_encoder(settings: Settings, *, export_in_background: bool = False) -> Encoder | OnnxEncoder:
+    """The service's encoder: the ONNX start when a valid launch record allows it, else torch's. With
+    ``export_in_background`` (a server), a first start under 'auto' does not wait for the export: it serves on
+    torch meanwhile (Encoder.onnx_ready); one-off commands export first, so that the export is kept."""
     light = OnnxEncoder.open(settings)
     if light is not None:
         return light
     from app.encoder import Encoder
 
-    return Encoder.from_settings(settings)
+    return Encoder.from_settings(settings, export_in_background=export_in_background)
 
 
 # Strings whose tokens a record's writer compares between open_clip and app.clip_tokenizer before it trusts

@@ -862,16 +862,22 @@ class _LabelCache:
 
 
 def open_service(
-    settings: Settings, *, require_index: bool = True, preload: IndexPreload | None = None
+    settings: Settings,
+    *,
+    require_index: bool = True,
+    preload: IndexPreload | None = None,
+    export_in_background: bool = False,
 ) -> SearchService:
     """Load the model, open the store and the index named by the settings (from ``preload`` if given:
-    the index read meanwhile on a background thread)."""
+    the index read meanwhile on a background thread). ``export_in_background``: a long-running server under
+    'auto' serves on torch while the towers are exported the first time (app.onnx_encoder.load_encoder)."""
     store = Store(settings.effective_database_url)
     try:
         # The count /readyz reports is a table scan (~0.5 s at 1M rows): it runs while the model loads.
         store_key = ModelSpec.from_settings(settings).store_key
         counting = in_background(lambda: store.count_indexed(store_key), name="count-indexed")
-        service = SearchService(settings, load_encoder(settings), store, images_counting=counting)
+        encoder = load_encoder(settings, export_in_background=export_in_background)
+        service = SearchService(settings, encoder, store, images_counting=counting)
         if require_index:
             service.load_index(preload)
     except BaseException:

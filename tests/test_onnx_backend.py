@@ -178,3 +178,22 @@ def test_a_torch_built_index_is_served_through_onnx_runtime_and_the_service_says
         "text-int8.onnx",
         "text.onnx",
     ]
+
+
+def test_an_export_left_half_done_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """A server stopped mid-export (the background export under 'auto') leaves a temporary file: the next export
+    of that file removes it once it is old enough not to belong to an export still running elsewhere."""
+    import os
+    import time
+
+    target = tmp_path / "text.onnx"
+    old, fresh, other = tmp_path / ".text.abc123.onnx", tmp_path / ".text.def456.onnx", tmp_path / ".image.x1.onnx"
+    for path in (old, fresh, other):
+        path.write_bytes(b"partial")
+    stale = time.time() - onnx_backend.STALE_TEMP_SECONDS - 60
+    os.utime(old, (stale, stale))
+    os.utime(other, (stale, stale))
+    onnx_backend._atomic_file(target, lambda p: p.write_bytes(b"model"))
+    assert target.read_bytes() == b"model"
+    assert not old.exists() and fresh.exists() and other.exists()  # only this file's stale leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, fresh.name, other.name])

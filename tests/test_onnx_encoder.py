@@ -209,3 +209,26 @@ def test_the_default_exports_once_then_starts_without_torch_with_the_same_vector
     images = photos(shared_data)
     np.testing.assert_allclose(light.encode_images(images), reference.encode_images(images), rtol=0, atol=1e-5)
     np.testing.assert_allclose(first.encode_images(images), reference.encode_images(images), rtol=0, atol=1e-5)
+
+
+def test_a_server_serves_on_torch_while_the_default_exports_then_switches(
+    tmp_path: Path, instrument_model_dir: Path
+) -> None:
+    settings = onnx_settings(tmp_path / "data", instrument_model_dir, "auto")
+    reference = Encoder.from_settings(settings.with_overrides(inference="fp32"))
+    first = load_encoder(settings, export_in_background=True)  # as `clipsearch serve` starts
+    assert isinstance(first, Encoder)
+    # returned before the export (which takes seconds) finished: torch serves meanwhile
+    assert first.inference == "fp32" and not first.onnx_ready.is_set()
+    # usable at once, on torch or (if the thread was quick) already on ONNX Runtime: the same vectors either way
+    np.testing.assert_allclose(first.encode_texts(TEXTS), reference.encode_texts(TEXTS), rtol=0, atol=1e-5)
+    assert first.onnx_ready.wait(300), "the background export did not finish"
+    assert first.inference == "onnx" and first._onnx is not None
+    np.testing.assert_allclose(first.encode_texts(TEXTS), reference.encode_texts(TEXTS), rtol=0, atol=1e-5)
+    spec = ModelSpec.from_settings(settings)
+    assert record_path(tmp_path / "data" / "onnx", spec.store_key, "onnx").exists()
+    assert isinstance(load_encoder(settings, export_in_background=True), OnnxEncoder)  # the next start
+
+    chosen = onnx_settings(tmp_path / "chosen", instrument_model_dir, "onnx")
+    encoder = load_encoder(chosen, export_in_background=True)  # a mode the user chose is ready when returned
+    assert isinstance(encoder, Encoder) and encoder.inference == "onnx" and encoder.onnx_ready.is_set()

@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, *, preload: IndexPreload | None
 
 
 def _open_service(settings: Settings, preload: IndexPreload | None) -> SearchService:
-    service = open_service(settings, require_index=False)
+    service = open_service(settings, require_index=False, export_in_background=True)
     readiness = service.start(preload)
     if readiness.ready:
         log.info("ready: %s, %d images", service.spec.label, service.index_count)
