@@ -19,9 +19,9 @@ from PIL import Image
 from app.config import Settings
 from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
-from app.onnx_encoder import encode_in_batches, normalise, weights_identity
+from app.onnx_encoder import AUTO, encode_in_batches, normalise, resolve_inference
 from app.preprocess import fast_transform
-from app.quantize import AUTO, FP32, INT8, ONNX_INT8, check_inference, quantize, resolve_inference, set_cpu_threads
+from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Encoder:
         device: torch.device,
         cache_dir: Path | None = None,
         *,
-        inference: str = FP32,  # or 'auto' (app.quantize.resolve_inference)
+        inference: str = FP32,  # or 'auto' (app.onnx_encoder.resolve_inference)
         threads: int = 0,
         onnx_cache_dir: Path | None = None,
         export_in_background: bool = False,
@@ -72,8 +72,7 @@ class Encoder:
             raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
         model.eval()
         # int8 keeps the weights' embedding space (same model, same manifest), approximated to ~1e-3.
-        fixed_weights = weights_identity(spec) is not None
-        self.inference = check_inference(resolve_inference(inference, device, fixed_weights), device)
+        self.inference = check_inference(resolve_inference(inference, spec, on_cpu=device.type == "cpu"), device)
         model = quantize(model, self.inference)
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None

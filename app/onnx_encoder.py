@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ONNX_MODES = ("onnx", "onnx-int8")
+#: CLIPSEARCH_INFERENCE's default: see resolve_inference.
+AUTO = "auto"
 #: Bump when the record's fields or what they mean change: older records are then ignored.
 LAUNCH_FORMAT = 1
 #: Packages whose versions must match the ones the record was written with.
@@ -130,6 +132,16 @@ def weights_identity(spec: ModelSpec) -> dict[str, Any] | None:
         return {"files": [file_identity(path)]}
     # An open_clip pretrained tag names one published set of weights.
     return {"tag": spec.pretrained}
+
+
+def resolve_inference(mode: str, spec: ModelSpec, *, on_cpu: bool) -> str:
+    """The mode ``auto`` stands for; other modes as they are. ``auto`` is ``onnx`` (exact, a faster text tower,
+    a torch-free service start) only where it pays and is cached: on a CPU (a GPU keeps torch with autocast) and
+    for weights that stay the same between starts (random weights would export again at every start); else
+    ``fp32``. Both starts decide with it: the torch one (app.encoder) and the ONNX one (OnnxEncoder.open)."""
+    if mode != AUTO:
+        return mode
+    return "onnx" if on_cpu and weights_identity(spec) is not None else "fp32"
 
 
 def package_versions() -> dict[str, str]:
@@ -227,7 +239,7 @@ class OnnxEncoder:
     def open(cls, settings: Settings) -> OnnxEncoder | None:
         """The encoder from a valid launch record for ``settings``, or None (with the reason logged) when the
         service must start through torch."""
-        if settings.inference not in (*ONNX_MODES, "auto"):
+        if settings.inference not in (*ONNX_MODES, AUTO):
             return None
         if settings.device == "cuda" or (settings.device == "auto" and Path("/proc/driver/nvidia/version").exists()):
             return None  # the torch start decides (and says) what these modes do with a GPU
@@ -235,11 +247,9 @@ class OnnxEncoder:
             spec = ModelSpec.from_settings(settings)
         except Exception:  # noqa: BLE001 - the torch start reports bad settings
             return None
-        mode = settings.inference
-        if mode == "auto":  # app.quantize.resolve_inference: onnx on a CPU with fixed weights
-            if weights_identity(spec) is None:
-                return None
-            mode = "onnx"
+        mode = resolve_inference(settings.inference, spec, on_cpu=True)  # a GPU returned above
+        if mode not in ONNX_MODES:
+            return None
         path = record_path(settings.data_dir / "onnx", spec.store_key, mode)
         try:
             record = LaunchRecord.from_json(path.read_text())

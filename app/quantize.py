@@ -31,9 +31,6 @@ INT8 = "int8"
 ONNX = "onnx"
 ONNX_INT8 = "onnx-int8"
 INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8)
-#: The default: ``onnx`` (exact, ~3x faster text queries, a torch-free service start) on a CPU when the weights
-#: are fixed (a file, a local-dir folder or a pretrained tag: the export is cached for them), else ``fp32``.
-AUTO = "auto"
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
@@ -148,18 +145,11 @@ def quantize(model: ModelT, mode: str) -> ModelT:
     return cast(ModelT, quantized)
 
 
-def resolve_inference(mode: str, device: torch.device, fixed_weights: bool) -> str:
-    """The mode ``auto`` stands for on ``device``; other modes as they are. ``auto`` is ``onnx`` only where it
-    pays and is cached: a CPU (ONNX Runtime runs on the CPU here; a GPU keeps torch with autocast) and weights
-    that stay the same between starts (random weights would export again at every start)."""
-    if mode != AUTO:
-        return mode
-    return ONNX if device.type == "cpu" and fixed_weights else FP32
-
-
 def check_inference(mode: str, device: torch.device) -> str:
     """``mode`` if it can run on ``device``; a clear error otherwise."""
     if mode not in INFERENCE_MODES:
+        from app.onnx_encoder import AUTO
+
         modes = ", ".join((AUTO, *INFERENCE_MODES))
         raise ModelLoadError(f"CLIPSEARCH_INFERENCE={mode!r} is unknown: use one of {modes}")
     if mode != FP32 and device.type != "cpu":

@@ -171,18 +171,16 @@ def test_the_api_serves_the_same_results_after_an_onnx_start(tmp_path: Path, mod
 def test_auto_means_onnx_on_a_cpu_with_fixed_weights_and_torch_elsewhere(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import torch
-
-    from app.quantize import resolve_inference
+    from app.onnx_encoder import resolve_inference
 
     monkeypatch.delenv("CLIPSEARCH_INFERENCE")  # tests run torch by default (tests/conftest.py): the product's own
     assert Settings().inference == "auto"
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_inference("auto", cpu, fixed_weights=True) == "onnx"
-    assert resolve_inference("auto", cpu, fixed_weights=False) == "fp32"  # random weights: nothing to cache
-    assert resolve_inference("auto", cuda, fixed_weights=True) == "fp32"  # a GPU keeps torch (autocast)
+    fixed, random_weights = ModelSpec("ViT-B-32", "laion2b_s34b_b79k"), ModelSpec("ViT-B-32", "")
+    assert resolve_inference("auto", fixed, on_cpu=True) == "onnx"
+    assert resolve_inference("auto", random_weights, on_cpu=True) == "fp32"  # random weights: nothing to cache
+    assert resolve_inference("auto", fixed, on_cpu=False) == "fp32"  # a GPU keeps torch (autocast)
     for mode in ("fp32", "int8", "onnx", "onnx-int8"):  # a chosen mode stays as chosen
-        assert resolve_inference(mode, cpu, fixed_weights=False) == mode
+        assert resolve_inference(mode, random_weights, on_cpu=True) == mode
 
     name = register_tiny_architecture(tmp_path / "configs")
     random = Settings(data_dir=tmp_path / "random", model=name, pretrained="", device="cpu", inference="auto")
