@@ -134,6 +134,12 @@ def decoded_pixels(encoder: Encoder, settings: Settings, paths: list[Path]) -> t
     return images, torch.stack([encoder.preprocess_image(im) for im in images])
 
 
+def encode_all(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Unit vectors of preprocessed ``pixels`` through the encoder, ``batch_size`` at a time."""
+    starts = range(0, len(pixels), batch_size)
+    return np.concatenate([encoder.encode_pixels(pixels[i : i + batch_size]) for i in starts])
+
+
 def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool, rounds: int) -> dict[str, object]:
     """Every path once per round, the order rotated per round so that none always runs first or last; the
     rates reported are each path's median over the rounds, and the ratios are taken between medians."""
@@ -146,7 +152,7 @@ def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool,
         reference, pixels = decoded_pixels(encoder, settings, links)
         # the reference: full decode and open_clip's own transform (ours resamples the crop region only)
         ref_pixels = torch.stack([encoder.reference_preprocess(im) for im in reference])
-        ref_vecs = np.concatenate([encoder.encode_pixels(ref_pixels[i : i + bs]) for i in range(0, len(links), bs)])
+        ref_vecs = encode_all(encoder, ref_pixels, bs)
         qmodel = quantize(encoder.model, INT8) if quant else None
         if qmodel is not None:
             model_only(encoder, pixels[:bs], bs, model=qmodel)  # warm-up
@@ -192,7 +198,7 @@ def bench_model(label: str, settings: Settings, photos: list[Path], quant: bool,
     if qmodel is not None:
         with torch.inference_mode():
             qv = torch.nn.functional.normalize(qmodel.encode_image(pixels), dim=-1).numpy()
-        fp32_vecs = np.concatenate([encoder.encode_pixels(pixels[i : i + bs]) for i in range(0, len(pixels), bs)])
+        fp32_vecs = encode_all(encoder, pixels, bs)
         row["int8_model_only_img_s"] = med["int8_model_only"]
         row["int8_vs_fp32_model_only"] = med["int8_model_only"] / med["model_only"]
         row["fidelity_int8"] = fidelity(ref_vecs, qv)
