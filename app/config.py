@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         default=1000, ge=1, le=100_000, description="How deep a query looks: the bound of 'total' and offset."
     )
     text_cache_size: int = Field(default=1024, ge=0, description="Text embeddings kept in the LRU cache.")
+    labels_in_memory: bool = Field(
+        default=True,
+        description="Keep every image's tags and flags in memory for facets and tag filters (about 36 bytes per "
+        "image at 5 tags); false: read a page's candidates' labels from the database.",
+    )
     index_check_seconds: float = Field(
         default=2.0, ge=0, description="How often a query checks the manifest for a newer index (0: always)."
     )

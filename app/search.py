@@ -31,10 +31,11 @@ from app.cutoff import CutoffChoice, QueryKind, relevance_cutoff
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
 from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
+from app.labels import CandidateLabels, Labels
 from app.model_spec import ModelSpec
 from app.onnx_encoder import OnnxEncoder, load_encoder
 from app.preload import IndexPreload
-from app.store import ImageLabels, ImageRecord, ImageStatus, Store, StoredTag, TagKind
+from app.store import ImageRecord, ImageStatus, Store, StoredTag, TagKind
 from app.tagging import TaggingPlan, label_names
 
 if TYPE_CHECKING:
@@ -313,27 +314,6 @@ def rank(
     return kept
 
 
-NO_LABELS = ImageLabels()
-
-
-def accepts_labels(labels: ImageLabels, options: SearchOptions) -> bool:
-    """Whether an image's tags and flags pass the tag filters and safe search of ``options`` (pure)."""
-    if options.safe and labels.flagged:
-        return False
-    return all(tag in labels.tags for tag in options.tags)
-
-
-def count_facets(labels: Iterable[ImageLabels], limit: int) -> list[tuple[str, int]]:
-    """The ``limit`` most frequent tags over some images' labels, as (tag, count), ties by name (pure)."""
-    if limit <= 0:
-        return []
-    counts: dict[str, int] = {}
-    for item in labels:
-        for tag in item.tags:
-            counts[tag] = counts.get(tag, 0) + 1
-    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
-
-
 class _LRU:
     """A small thread-safe LRU map of text -> embedding."""
 
@@ -428,7 +408,9 @@ class SearchService:
         self._problem: str | None = None
         self.text_cache = _LRU(settings.text_cache_size)
         self.records = _RecordCache(store)
-        self.labels = _LabelCache(store, settings.index_check_seconds)
+        self.labels = Labels(
+            store, settings.index_check_seconds, RECORD_CACHE_SIZE, in_memory=settings.labels_in_memory
+        )
         self._background: tuple[VectorIndex, np.ndarray] | None = None
         self._images_counted: tuple[VectorIndex | None, int] | None = None  # see indexed_images
         self._images_counting = images_counting
@@ -698,11 +680,12 @@ class SearchService:
         threshold = self._cutoff_score(vector, candidates, options.cutoff, kind)
         if options.min_score is not None:
             candidates = [c for c in candidates if c[1] >= options.min_score]
-        labels: dict[int, ImageLabels] = {}
+        labels: CandidateLabels | None = None
         if options.tags or options.safe or options.facets:
-            labels = self.labels.get_many([i for i, _ in candidates])
+            labels = self.labels.of(np.fromiter((i for i, _ in candidates), dtype=np.int64, count=len(candidates)))
             if options.tags or options.safe:
-                candidates = [c for c in candidates if accepts_labels(labels[c[0]], options)]
+                keep = labels.accepts(options.tags, options.safe).tolist()
+                candidates = [c for c, ok in zip(candidates, keep, strict=True) if ok]
         end = options.offset + options.k
         if options.filters.active or options.sort == "date":
             ranked = rank(candidates, self.records.get_many([i for i, _ in candidates]), options)
@@ -715,7 +698,7 @@ class SearchService:
             page = rank(window, self.records.get_many([i for i, _ in window]), options)
             hit_ids = [i for i, _ in candidates]
             scores_kept = [s for _, s in candidates]
-        facets = count_facets((labels[i] for i in hit_ids), options.facets) if options.facets else []
+        facets = labels.facets(hit_ids, options.facets) if labels is not None and options.facets else []
         hits = [Hit(i, r.path, s, r.width, r.height, relevant=threshold is None or s >= threshold) for i, s, r in page]
         relevant_total = total if threshold is None else sum(1 for s in scores_kept if s >= threshold)
         now = time.perf_counter()
@@ -808,57 +791,6 @@ class SearchService:
                 f"the file of image {image_id} is gone from disk: run 'clipsearch index' again to update the catalog"
             )
         return record
-
-
-class _LabelCache:
-    """Tags and flags of recent candidates, so that filtering and counting facets needs no database round trip.
-
-    Cleared when another index is swapped in, and when the store's tags generation changes (the indexer or
-    'clipsearch tags --retag' wrote labels), which is checked at most every ``check_seconds``.
-    """
-
-    def __init__(self, store: Store, check_seconds: float, capacity: int = RECORD_CACHE_SIZE) -> None:
-        self.store = store
-        self.check_seconds = check_seconds
-        self.capacity = capacity
-        self._labels: OrderedDict[int, ImageLabels] = OrderedDict()
-        self._lock = threading.Lock()
-        self._generation: str | None = None
-        self._next_check = 0.0
-
-    def get_many(self, ids: Sequence[int]) -> dict[int, ImageLabels]:
-        self._check_generation()
-        found: dict[int, ImageLabels] = {}
-        with self._lock:
-            for i in ids:
-                labels = self._labels.get(i)
-                if labels is not None:
-                    found[i] = labels
-        missing = [i for i in ids if i not in found]
-        if missing:
-            fetched = self.store.labels_of_many(missing)
-            fetched = {i: fetched.get(i, NO_LABELS) for i in missing}
-            found.update(fetched)
-            with self._lock:
-                self._labels.update(fetched)
-                while len(self._labels) > self.capacity:
-                    self._labels.popitem(last=False)
-        return found
-
-    def _check_generation(self) -> None:
-        now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.check_seconds
-        generation = self.store.tags_generation()
-        with self._lock:
-            if generation != self._generation:
-                self._labels.clear()
-                self._generation = generation
-
-    def clear(self) -> None:
-        with self._lock:
-            self._labels.clear()
 
 
 def open_service(

@@ -611,6 +611,34 @@ class Store:
                         tags.setdefault(image_id, set()).add(label)
         return {i: ImageLabels(frozenset(tags.get(i, ())), i in flagged) for i in wanted if i in tags or i in flagged}
 
+    def label_columns(self) -> tuple[str, list[tuple[str, np.ndarray]], np.ndarray]:
+        """Every label at once, read in one transaction: the tags generation, each tag name with the ids of the
+        images carrying it, and the ids of the images with any flag (app.labels builds its snapshot from it)."""
+        with self._sessions.begin() as session:
+            row = session.get(Meta, "tags_generation")
+            generation = row.value if row else ""
+            names = session.execute(
+                select(ImageTagRow.label).where(ImageTagRow.kind == TagKind.TAG.value).distinct()
+            ).scalars()
+            columns = []
+            for name in sorted(names):
+                ids = (
+                    session.execute(
+                        select(ImageTagRow.image_id).where(
+                            ImageTagRow.kind == TagKind.TAG.value, ImageTagRow.label == name
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+                columns.append((name, np.fromiter(ids, dtype=np.int64, count=len(ids))))
+            flagged = (
+                session.execute(select(ImageTagRow.image_id).where(ImageTagRow.kind == TagKind.FLAG.value).distinct())
+                .scalars()
+                .all()
+            )
+        return generation, columns, np.unique(np.fromiter(flagged, dtype=np.int64, count=len(flagged)))
+
     def label_counts(self, kind: TagKind, model: str | None = None) -> dict[str, int]:
         """Label -> number of indexed images carrying it (with vectors of ``model``, when given), most first."""
         count = func.count(ImageTagRow.image_id)

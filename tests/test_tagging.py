@@ -12,8 +12,7 @@ from PIL import Image
 from app.config import Settings
 from app.encoder import Encoder
 from app.errors import ConfigError
-from app.search import SearchOptions, accepts_labels, count_facets
-from app.store import ImageLabels, Store, TagKind
+from app.store import Store, TagKind
 from app.tagging import TaggingPlan, effective_thresholds
 from app.vocab import parse_vocabulary, resolve_vocabulary
 from indexer import Indexer
@@ -143,20 +142,6 @@ def test_the_key_changes_with_whatever_changes_the_stored_labels(settings: Setti
         base.with_overrides(safe_search_vocabulary="none"),
     ]
     assert len({key, *(TaggingPlan.from_settings(s).key(tiny_encoder) for s in changed)}) == 3
-
-
-def test_search_label_filters_and_facets_are_pure_functions() -> None:
-    dog, both, flagged = (
-        ImageLabels(frozenset({"dog"})),
-        ImageLabels(frozenset({"dog", "beach"})),
-        ImageLabels(frozenset({"dog"}), flagged=True),
-    )
-    assert accepts_labels(dog, SearchOptions(tags=("dog",)))
-    assert not accepts_labels(dog, SearchOptions(tags=("dog", "beach")))
-    assert accepts_labels(both, SearchOptions(tags=("dog", "beach")))
-    assert accepts_labels(flagged, SearchOptions()) and not accepts_labels(flagged, SearchOptions(safe=True))
-    assert count_facets([dog, both, flagged, ImageLabels()], 10) == [("dog", 3), ("beach", 1)]
-    assert count_facets([dog, both], 1) == [("dog", 2)] and count_facets([dog], 0) == []
 
 
 def test_instrument_model_tags_caltech_photos_with_their_class_and_flags_none(

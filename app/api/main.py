@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, *, preload: IndexPreload | None
 def _open_service(settings: Settings, preload: IndexPreload | None) -> SearchService:
     service = open_service(settings, require_index=False, export_in_background=True)
     readiness = service.start(preload)
+    service.labels.start()  # the labels snapshot for facets and tag filters, on a background thread
     if readiness.ready:
         log.info("ready: %s, %d images", service.spec.label, service.index_count)
     return service

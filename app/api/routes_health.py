@@ -36,6 +36,7 @@ def readyz(service: ServiceDep) -> Ready:
         built_at=manifest.built_at,
         dim=manifest.dim,
         inference=getattr(service.encoder, "inference", "fp32"),
+        labels="memory" if service.labels.table is not None else "database",
     )
 
 

@@ -125,6 +125,11 @@ class Ready(BaseModel):
     built_at: str
     dim: int
     inference: str = Field(default="fp32", description="CPU inference mode of the model (CLIPSEARCH_INFERENCE).")
+    labels: Literal["memory", "database"] = Field(
+        default="database",
+        description="Where tag filters and facets read labels: the in-memory snapshot, or the database while "
+        "the snapshot is built (at start, and after labels change).",
+    )
 
 
 class Reloaded(BaseModel):

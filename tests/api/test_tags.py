@@ -6,6 +6,7 @@ vocabulary of class names and flagged with a vocabulary whose one flag, "weapons
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,9 +55,16 @@ def tags_settings(
     return settings
 
 
-@pytest.fixture(scope="module")
-def tags_client(tags_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(tags_settings)) as client:
+@pytest.fixture(scope="module", params=["memory", "database"])
+def tags_client(tags_settings: Settings, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """The service reading labels from its in-memory snapshot (the default, once built), or from the database
+    (CLIPSEARCH_LABELS_IN_MEMORY=false): every test below runs on both, which must answer the same."""
+    settings = tags_settings.with_overrides(labels_in_memory=request.param == "memory")
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 30
+        while (source := client.get("/readyz").json()["labels"]) != request.param and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source == request.param
         yield client
 
 

@@ -1,0 +1,128 @@
+"""Tags and flags for search pages: the in-memory snapshot answers as the database does, and never serves
+labels the store no longer holds."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import insert
+
+from app.labels import CandidateLabels, Labels, LabelTable
+from app.store import ImageLabels, ImageRow, Store, StoredTag, TagKind, utcnow
+
+TAGS = ["dog", "cat", "beach", "car", "tree", "snow", "boat"]
+
+
+def add_images(store: Store, count: int) -> None:
+    now = utcnow()
+    rows = [
+        {"id": i, "path": f"/p/{i}.jpg", "sha256": f"{i:064x}", "size": 1, "mtime": 1.0, "width": 1, "height": 1,
+         "format": "JPEG", "status": "indexed", "model": "m", "created_at": now, "updated_at": now}
+        for i in range(1, count + 1)
+    ]  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(insert(ImageRow), rows)
+
+
+def random_labels(rng: np.random.Generator, ids: range) -> dict[int, list[StoredTag]]:
+    """Some images with no label at all, some with flags only, most with 1-4 tags."""
+    labels: dict[int, list[StoredTag]] = {}
+    for i in ids:
+        tags = [StoredTag(TagKind.TAG.value, t, 0.5) for t in rng.choice(TAGS, rng.integers(0, 5), replace=False)]
+        if rng.random() < 0.2:
+            tags.append(StoredTag(TagKind.FLAG.value, str(rng.choice(["nudity", "violence"])), 0.9))
+        labels[i] = tags
+    return labels
+
+
+def naive_accepts(item: ImageLabels, tags: tuple[str, ...], safe: bool) -> bool:
+    return not (safe and item.flagged) and all(t in item.tags for t in tags)
+
+
+def naive_facets(items: list[ImageLabels], limit: int) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for item in items:
+        for tag in item.tags:
+            counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+def test_filters_and_facets_over_candidates() -> None:
+    dog, both, flagged = (
+        ImageLabels(frozenset({"dog"})),
+        ImageLabels(frozenset({"dog", "beach"})),
+        ImageLabels(frozenset({"dog"}), flagged=True),
+    )
+    ids = np.array([1, 2, 3, 4], dtype=np.int64)  # 4 has no labels
+    view = CandidateLabels.from_mapping(ids, {1: dog, 2: both, 3: flagged})
+    assert view.accepts(("dog",), False).tolist() == [True, True, True, False]
+    assert view.accepts(("dog", "beach"), False).tolist() == [False, True, False, False]
+    assert view.accepts((), True).tolist() == [True, True, False, True]
+    assert view.accepts(("unknown",), False).tolist() == [False] * 4
+    assert view.facets([1, 2, 3, 4], 10) == [("dog", 3), ("beach", 1)]
+    assert view.facets([1, 2], 1) == [("dog", 2)] and view.facets([1], 0) == [] and view.facets([4], 5) == []
+
+
+@pytest.mark.parametrize("any_store_url", ["sqlite", "postgresql"], indirect=True)
+def test_the_snapshot_answers_as_the_database_and_a_plain_loop(any_store_url: str) -> None:
+    rng = np.random.default_rng(7)
+    store = Store(any_store_url)
+    try:
+        add_images(store, 400)
+        labels = random_labels(rng, range(1, 351))  # 351..400: never labelled
+        store.save_tags(labels, key="k")
+        table = LabelTable.load(store)
+        assert table.generation == store.tags_generation()
+        for _ in range(20):
+            # candidates in score order (not sorted by id), some unlabelled, some beyond every stored id
+            cand = rng.choice(np.arange(1, 420), size=int(rng.integers(1, 300)), replace=False).astype(np.int64)
+            db = store.labels_of_many(cand.tolist())
+            items = [db.get(i, ImageLabels()) for i in cand.tolist()]
+            snap, from_db = table.labels_of(cand), CandidateLabels.from_mapping(cand, db)
+            for tags in [(), ("dog",), ("dog", "beach"), ("snow", "boat", "tree"), ("nothing",)]:
+                for safe in (False, True):
+                    expected = [naive_accepts(item, tags, safe) for item in items]
+                    assert snap.accepts(tags, safe).tolist() == expected
+                    assert from_db.accepts(tags, safe).tolist() == expected
+            some = [i for i in cand.tolist() if rng.random() < 0.7]
+            expected_facets = naive_facets([db.get(i, ImageLabels()) for i in some], 5)
+            assert snap.facets(some, 5) == expected_facets == from_db.facets(some, 5)
+    finally:
+        store.close()
+
+
+def wait_for_table(labels: Labels, generation: str, seconds: float = 10.0) -> LabelTable:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        labels.of(np.array([1], dtype=np.int64))
+        table = labels.table
+        if table is not None and table.generation == generation:
+            return table
+        time.sleep(0.01)
+    raise AssertionError("no label snapshot was built")
+
+
+def test_a_change_of_labels_is_served_at_once_and_the_snapshot_rebuilt_when_writes_settle(store: Store) -> None:
+    add_images(store, 10)
+    store.save_tags({1: [StoredTag(TagKind.TAG.value, "dog", 0.5)], 2: [StoredTag(TagKind.TAG.value, "cat", 0.5)]}, "k")
+    labels = Labels(store, check_seconds=0.0, capacity=100, settle_seconds=0.5)
+    labels.start()
+    first = wait_for_table(labels, store.tags_generation())
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    assert labels.of(ids).accepts(("dog",), False).tolist() == [True, False, False]
+
+    # a retag: the next page reads the database (no stale 'dog'), and the old snapshot is gone
+    store.save_tags({1: [StoredTag(TagKind.TAG.value, "cat", 0.5)], 3: [StoredTag(TagKind.FLAG.value, "x", 0.9)]}, "k")
+    view = labels.of(ids)
+    assert view.accepts(("dog",), False).tolist() == [False, False, False]
+    assert view.accepts(("cat",), True).tolist() == [True, True, False]
+    assert labels.table is None
+    # not rebuilt before the writes have settled...
+    assert not labels.building
+    # ...and then rebuilt for the new generation, answering the same
+    second = wait_for_table(labels, store.tags_generation())
+    assert second is not first
+    assert labels.of(ids).accepts(("cat",), True).tolist() == [True, True, False]
+    assert labels.of(ids).facets([1, 2, 3], 5) == [("cat", 2)]
