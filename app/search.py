@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.batching import TextBatcher
 from app.config import Settings
 from app.cutoff import CutoffChoice, QueryKind, relevance_cutoff
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
@@ -407,6 +408,7 @@ class SearchService:
         self._next_check = 0.0
         self._problem: str | None = None
         self.text_cache = _LRU(settings.text_cache_size)
+        self.text_batcher = TextBatcher(encoder.encode_texts)
         self.records = _RecordCache(store)
         self.labels = Labels(
             store, settings.index_check_seconds, RECORD_CACHE_SIZE, in_memory=settings.labels_in_memory
@@ -568,7 +570,7 @@ class SearchService:
         seconds = 0.0
         if missing:
             started = time.perf_counter()
-            vectors = self.encoder.encode_texts(missing)
+            vectors = self.text_batcher.encode(missing)  # with the texts of concurrent queries, if any
             seconds = time.perf_counter() - started
             for key, vector in zip(missing, vectors, strict=True):
                 vector = np.array(vector, dtype=np.float32)

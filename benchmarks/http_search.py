@@ -9,8 +9,7 @@ A store of N rows (each with --tags zero-shot tags, as the indexer's defaults st
 index` would have left them for ViT-B-32) are written to a temp data dir; `clipsearch serve` runs as a subprocess
 with ViT-B-32 random weights; a thread pool of HTTP clients on 127.0.0.1 sends bounded numbers of /search requests
 at each concurrency: uncached queries (every text new) and cached ones (a few texts repeated). The client shares
-the
-2 cores with the server, so the figures are a lower bound. --inference and --torch-threads set the server's
+the 2 cores with the server, so the figures are a lower bound. --inference and --torch-threads set the server's
 CLIPSEARCH_INFERENCE and CLIPSEARCH_TORCH_THREADS. --quick: 100k vectors, 40 requests, concurrency 1 and 8,
 written to http_search-quick.*. Results: benchmarks/results/http_search.* (other modes: http_search-<mode>.*).
 The random weights are saved once as a checkpoint file that every start loads, as a user's downloaded
