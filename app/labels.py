@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from app.id_cache import IdCache
 from app.store import ImageLabels, Store
 
 log = logging.getLogger(__name__)
@@ -92,16 +92,10 @@ class CandidateLabels:
 
 @dataclass(frozen=True)
 class LabelTable:
-    """Every labelled image's tags and flags at one tags generation; ``ids`` sorted, CSR-style like
-    :class:`CandidateLabels`."""
+    """Every labelled image's tags and flags (``every``, its ids sorted) at one tags generation."""
 
     generation: str
-    ids: np.ndarray
-    offsets: np.ndarray
-    codes: np.ndarray
-    flagged: np.ndarray
-    names: Sequence[str]
-    code_of: Mapping[str, int]
+    every: CandidateLabels
 
     @classmethod
     def load(cls, store: Store) -> LabelTable:
@@ -115,25 +109,30 @@ class LabelTable:
         ids = np.union1d(tagged, flagged_ids)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.bincount(np.searchsorted(ids, tagged), minlength=len(ids)))
-        flagged = np.isin(ids, flagged_ids)
-        return cls(generation, ids, offsets, codes, flagged, names, {n: i for i, n in enumerate(names)})
+        every = CandidateLabels(
+            ids, offsets, codes, np.isin(ids, flagged_ids), names, {n: i for i, n in enumerate(names)}
+        )
+        return cls(generation, every)
 
     def labels_of(self, ids: np.ndarray) -> CandidateLabels:
-        pos = np.minimum(np.searchsorted(self.ids, ids), max(len(self.ids) - 1, 0))
-        present = self.ids[pos] == ids if len(self.ids) else np.zeros(len(ids), dtype=bool)
-        starts = np.where(present, self.offsets[pos], 0)
-        sizes = np.where(present, self.offsets[pos + 1] - starts, 0)
+        """The labels of ``ids`` (in their order; ids without labels get none)."""
+        every = self.every
+        pos = np.minimum(np.searchsorted(every.ids, ids), max(len(every.ids) - 1, 0))
+        present = every.ids[pos] == ids if len(every.ids) else np.zeros(len(ids), dtype=bool)
+        starts = np.where(present, every.offsets[pos], 0)
+        sizes = np.where(present, every.offsets[pos + 1] - starts, 0)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        # positions in self.codes of every candidate's codes, in candidate order
+        # positions in every.codes of each candidate's codes, in candidate order
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], sizes)
-        codes = self.codes[np.repeat(starts, sizes) + within]
-        flagged = present & self.flagged[pos] if len(self.ids) else present
-        return CandidateLabels(ids, offsets, codes, flagged, self.names, self.code_of)
+        codes = every.codes[np.repeat(starts, sizes) + within]
+        flagged = present & every.flagged[pos] if len(every.ids) else present
+        return CandidateLabels(ids, offsets, codes, flagged, every.names, every.code_of)
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.offsets.nbytes + self.codes.nbytes + self.flagged.nbytes)
+        every = self.every
+        return int(every.ids.nbytes + every.offsets.nbytes + every.codes.nbytes + every.flagged.nbytes)
 
 
 class Labels:
@@ -155,7 +154,7 @@ class Labels:
         self.check_seconds = check_seconds
         self.capacity = capacity
         self.settle_seconds = settle_seconds
-        self._cache: OrderedDict[int, ImageLabels] = OrderedDict()
+        self._cache: IdCache[ImageLabels] = IdCache(store.labels_of_many, capacity, default=ImageLabels())
         self._lock = threading.Lock()
         self._generation: str | None = None
         self._changed_at = float("-inf")  # when the generation last changed (start-up: long ago)
@@ -178,25 +177,7 @@ class Labels:
         table = self._table
         if table is not None:
             return table.labels_of(ids)
-        return CandidateLabels.from_mapping(ids, self._from_database(ids.tolist()))
-
-    def _from_database(self, ids: list[int]) -> dict[int, ImageLabels]:
-        found: dict[int, ImageLabels] = {}
-        with self._lock:
-            for i in ids:
-                labels = self._cache.get(i)
-                if labels is not None:
-                    found[i] = labels
-        missing = [i for i in ids if i not in found]
-        if missing:
-            fetched = self.store.labels_of_many(missing)
-            fetched = {i: fetched.get(i, ImageLabels()) for i in missing}
-            found.update(fetched)
-            with self._lock:
-                self._cache.update(fetched)
-                while len(self._cache) > self.capacity:
-                    self._cache.popitem(last=False)
-        return found
+        return CandidateLabels.from_mapping(ids, self._cache.get_many(ids.tolist()))
 
     def _check_generation(self) -> None:
         now = time.monotonic()
@@ -234,8 +215,8 @@ class Labels:
         if table is not None:
             log.info(
                 "label table: %d labelled images, %d tags, %.1f MB, built in %.2fs",
-                len(table.ids),
-                len(table.codes),
+                len(table.every.ids),
+                len(table.every.codes),
                 table.nbytes / 1e6,
                 time.perf_counter() - started,
             )
@@ -246,5 +227,4 @@ class Labels:
         self._check_generation()
 
     def clear(self) -> None:
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()

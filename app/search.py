@@ -30,6 +30,7 @@ from app.batching import TextBatcher
 from app.config import Settings
 from app.cutoff import CutoffChoice, QueryKind, relevance_cutoff
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady
+from app.id_cache import IdCache
 from app.imaging import decode_image, model_draft_size
 from app.index import MANIFEST_FILE, Manifest, VectorIndex, read_manifest
 from app.labels import CandidateLabels, Labels
@@ -349,41 +350,6 @@ class _LRU:
         return len(self._items)
 
 
-class _RecordCache:
-    """Store rows of recent hits, so that filtering a thousand candidates needs no database round trip.
-
-    Cleared whenever another index is swapped in: the indexer writes a new index after every change to
-    the store, so the rows cached for one index stay those of its images.
-    """
-
-    def __init__(self, store: Store, capacity: int = RECORD_CACHE_SIZE) -> None:
-        self.store = store
-        self.capacity = capacity
-        self._rows: OrderedDict[int, ImageRecord] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_many(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
-        found: dict[int, ImageRecord] = {}
-        with self._lock:
-            for i in ids:
-                row = self._rows.get(i)
-                if row is not None:
-                    found[i] = row
-        missing = [i for i in ids if i not in found]
-        if missing:
-            fetched = self.store.get_many(missing)
-            found.update(fetched)
-            with self._lock:
-                self._rows.update(fetched)
-                while len(self._rows) > self.capacity:
-                    self._rows.popitem(last=False)
-        return found
-
-    def clear(self) -> None:
-        with self._lock:
-            self._rows.clear()
-
-
 class SearchService:
     """Answers queries from the current index; picks up a newer index written by the indexer."""
 
@@ -409,7 +375,10 @@ class SearchService:
         self._problem: str | None = None
         self.text_cache = _LRU(settings.text_cache_size)
         self.text_batcher = TextBatcher(encoder.encode_texts)
-        self.records = _RecordCache(store)
+        # Store rows of recent hits, so that filtering a thousand candidates needs no database round trip;
+        # cleared whenever another index is swapped in (the indexer writes a new index after every change to
+        # the store, so the rows cached for one index stay those of its images).
+        self.records: IdCache[ImageRecord] = IdCache(store.get_many, RECORD_CACHE_SIZE)
         self.labels = Labels(
             store, settings.index_check_seconds, RECORD_CACHE_SIZE, in_memory=settings.labels_in_memory
         )
