@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import insert
 
+import app.labels
 from app.labels import CandidateLabels, Labels, LabelTable
 from app.store import ImageLabels, ImageRow, Store, StoredTag, TagKind, utcnow
 
@@ -65,8 +66,14 @@ def test_filters_and_facets_over_candidates() -> None:
     assert view.facets([1, 2], 1) == [("dog", 2)] and view.facets([1], 0) == [] and view.facets([4], 5) == []
 
 
+@pytest.mark.parametrize("dense", [True, False], ids=["id-array", "binary-search"])
 @pytest.mark.parametrize("any_store_url", ["sqlite", "postgresql"], indirect=True)
-def test_the_snapshot_answers_as_the_database_and_a_plain_loop(any_store_url: str) -> None:
+def test_the_snapshot_answers_as_the_database_and_a_plain_loop(
+    any_store_url: str, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not dense:  # as if the ids were too sparse for a look-up array
+        monkeypatch.setattr(app.labels, "DENSE_IDS_FACTOR", 0)
+        monkeypatch.setattr(app.labels, "DENSE_IDS_SLACK", 0)
     rng = np.random.default_rng(7)
     store = Store(any_store_url)
     try:
@@ -75,6 +82,7 @@ def test_the_snapshot_answers_as_the_database_and_a_plain_loop(any_store_url: st
         store.save_tags(labels, key="k")
         table = LabelTable.load(store)
         assert table.generation == store.tags_generation()
+        assert (table.position is not None) == dense
         for _ in range(20):
             # candidates in score order (not sorted by id), some unlabelled, some beyond every stored id
             cand = rng.choice(np.arange(1, 420), size=int(rng.integers(1, 300)), replace=False).astype(np.int64)
@@ -89,6 +97,8 @@ def test_the_snapshot_answers_as_the_database_and_a_plain_loop(any_store_url: st
             some = [i for i in cand.tolist() if rng.random() < 0.7]
             expected_facets = naive_facets([db.get(i, ImageLabels()) for i in some], 5)
             assert snap.facets(some, 5) == expected_facets == from_db.facets(some, 5)
+            every = cand[::-1].tolist()  # all of them, in another order
+            assert snap.facets(every, 5) == naive_facets(items, 5) == from_db.facets(every, 5)
     finally:
         store.close()
 
