@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     text_cache_size: int = Field(default=1024, ge=0, description="Text embeddings kept in the LRU cache.")
     labels_in_memory: bool = Field(
         default=True,
-        description="Keep every image's tags and flags in memory for facets and tag filters (about 36 bytes per "
+        description="Keep every image's tags and flags in memory for facets and tag filters (about 40 bytes per "
         "image at 5 tags); false: read a page's candidates' labels from the database.",
     )
     index_check_seconds: float = Field(

@@ -3,7 +3,7 @@
 A search page reads the labels of up to 1,000 candidates (``search_max_candidates``) to count facets, which every
 ``/search`` does by default. From the database that costs about 17 ms at 5 tags per image (SQLite, 1,000 ids;
 6 ms of it in SQLite itself), more than the text tower. So the service keeps a read-only snapshot of every
-image's labels in numpy arrays (about 36 bytes per image at 5 tags) and answers from it in well under a
+image's labels in numpy arrays (about 40 bytes per image at 5 tags) and answers from it in well under a
 millisecond; the database is read only while no snapshot matches the store's tags generation:
 
 - a snapshot is valid for one tags generation (``Store.tags_generation``, a new token on every write of labels);

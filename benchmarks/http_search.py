@@ -275,7 +275,9 @@ def main() -> None:
         f"first /readyz 200, per start: {starts} (the first start of an ONNX mode exports the towers; later ones "
         "start from the export; under auto the first start serves on torch while it exports)."
         + (
-            " Seconds from ready to serving on ONNX Runtime, per start: " + ", ".join(f"{s:.2f}" for s in switched)
+            " Seconds from ready to serving on ONNX Runtime, per start: "
+            + ", ".join(f"{s:.2f}" for s in switched)
+            + "."
             if switched
             else ""
         )
