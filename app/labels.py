@@ -226,11 +226,13 @@ class Labels:
         started = time.perf_counter()
         try:
             table = LabelTable.load(self.store)
-        except Exception:  # noqa: BLE001 - the database path keeps serving; the next check tries again
+        except Exception:  # noqa: BLE001 - the database path keeps serving; a later check tries again
             log.warning("could not build the in-memory label table; reading labels from the database", exc_info=True)
             table = None
         with self._lock:
             self._building = False
+            if table is None:
+                self._changed_at = time.monotonic()  # try again once settle_seconds have passed, not at once
             if table is not None and table.generation == self._generation:
                 self._table = table
         if table is not None:

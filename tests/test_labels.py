@@ -136,3 +136,36 @@ def test_a_change_of_labels_is_served_at_once_and_the_snapshot_rebuilt_when_writ
     assert second is not first
     assert labels.of(ids).accepts(("cat",), True).tolist() == [True, True, False]
     assert labels.of(ids).facets([1, 2, 3], 5) == [("cat", 2)]
+
+
+def test_a_failed_build_keeps_the_database_path_and_is_retried_after_the_settling_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_images(store, 3)
+    store.save_tags({1: [StoredTag(TagKind.TAG.value, "dog", 0.5)]}, "k")
+    calls: list[float] = []
+
+    def broken(self: Store) -> object:
+        calls.append(time.monotonic())
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(Store, "label_columns", broken)
+    labels = Labels(store, check_seconds=0.0, capacity=10, settle_seconds=0.3)
+    ids = np.array([1, 2], dtype=np.int64)
+    assert labels.of(ids).accepts(("dog",), False).tolist() == [True, False]  # served from the database
+    wait_until_idle(labels)
+    for _ in range(5):  # checks right after the failure start no new build
+        labels.of(ids)
+    wait_until_idle(labels)
+    assert len(calls) == 1 and labels.table is None
+    time.sleep(0.35)
+    labels.of(ids)
+    wait_until_idle(labels)
+    assert len(calls) == 2
+
+
+def wait_until_idle(labels: Labels, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while labels.building and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not labels.building
