@@ -41,6 +41,8 @@ class TextBatcher:
         self._busy = False
         #: texts per model call, the latest 256 calls
         self.batches: deque[int] = deque(maxlen=256)
+        #: called with the number of texts of each model call (the service's metrics)
+        self.on_batch: Callable[[int], object] | None = None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         request = _Request(list(texts))
@@ -69,6 +71,8 @@ class TextBatcher:
         try:
             vectors = self.encode_many(texts)
             self.batches.append(len(texts))
+            if self.on_batch is not None:
+                self.on_batch(len(texts))
             start = 0
             for request in batch:
                 request.vectors = vectors[start : start + len(request.texts)]

@@ -72,9 +72,23 @@ class Metrics:
         self.index_size = Gauge(
             "clipsearch_index_vectors", "Vectors in the index being served.", registry=self.registry
         )
+        self.text_batch_texts = Histogram(
+            "clipsearch_text_batch_texts",
+            "Texts per text-tower call: concurrent queries are encoded together (1 = a query alone).",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        self.labels_in_memory = Gauge(
+            "clipsearch_labels_in_memory",
+            "1 while tag filters and facets read the in-memory labels snapshot, 0 while they read the database.",
+            registry=self.registry,
+        )
 
     def track_index_size(self, count: Callable[[], float]) -> None:
         self.index_size.set_function(count)
+
+    def track_labels_in_memory(self, in_memory: Callable[[], bool]) -> None:
+        self.labels_in_memory.set_function(lambda: float(in_memory()))
 
     def observe_page(self, page: SearchPage, kind: str) -> None:
         if page.encode_seconds > 0:

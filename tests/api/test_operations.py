@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,12 @@ def test_metrics_use_route_templates_and_count_model_and_search_time(
     assert metric_value(text, "clipsearch_search_seconds_count")
     assert 'clipsearch_http_requests_total{method="GET",route="/similar/{image_id}",status="200"}' in text
     assert metric_value(text, "clipsearch_index_vectors") == len(catalog.files)
+    assert (metric_value(text, "clipsearch_text_batch_texts_count") or 0) >= 1  # the query's text, alone
+    assert (metric_value(text, 'clipsearch_text_batch_texts_bucket{le="1.0"}') or 0) >= 1
+    deadline = time.monotonic() + 30
+    while client.get("/readyz").json()["labels"] != "memory" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric_value(client.get("/metrics").text, "clipsearch_labels_in_memory") == 1
 
 
 def test_each_app_has_its_own_metrics(indexed_settings: Settings) -> None:
