@@ -187,6 +187,12 @@ def hash_to_db(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
+def _tags_generation(session: Any) -> str:
+    """The store's current tags generation token ('' before any labels were written), within ``session``."""
+    row = session.get(Meta, "tags_generation")
+    return row.value if row else ""
+
+
 def hash_from_db(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
@@ -581,8 +587,7 @@ class Store:
     def tags_generation(self) -> str:
         """Changes whenever any image's tags or flags are written."""
         with self._sessions() as session:
-            row = session.get(Meta, "tags_generation")
-            return row.value if row else ""
+            return _tags_generation(session)
 
     def tags_of(self, image_id: int) -> list[StoredTag]:
         """The tags and flags of one image: tags first, each kind best first."""
@@ -615,8 +620,7 @@ class Store:
         """Every label at once, read in one transaction: the tags generation, each tag name with the ids of the
         images carrying it, and the ids of the images with any flag (app.labels builds its snapshot from it)."""
         with self._sessions.begin() as session:
-            row = session.get(Meta, "tags_generation")
-            generation = row.value if row else ""
+            generation = _tags_generation(session)
             names = session.execute(
                 select(ImageTagRow.label).where(ImageTagRow.kind == TagKind.TAG.value).distinct()
             ).scalars()
