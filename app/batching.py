@@ -14,7 +14,6 @@ waiting caller, if any.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,8 +38,6 @@ class TextBatcher:
         self._lock = threading.Lock()
         self._waiting: list[_Request] = []
         self._busy = False
-        #: texts per model call, the latest 256 calls
-        self.batches: deque[int] = deque(maxlen=256)
         #: called with the number of texts of each model call (the service's metrics)
         self.on_batch: Callable[[int], object] | None = None
 
@@ -70,7 +67,6 @@ class TextBatcher:
         texts = [text for request in batch for text in request.texts]
         try:
             vectors = self.encode_many(texts)
-            self.batches.append(len(texts))
             if self.on_batch is not None:
                 self.on_batch(len(texts))
             start = 0

@@ -173,7 +173,6 @@ class Labels:
         self.store = store
         self.in_memory = in_memory
         self.check_seconds = check_seconds
-        self.capacity = capacity
         self.settle_seconds = settle_seconds
         self._cache: IdCache[ImageLabels] = IdCache(store.labels_of_many, capacity, default=ImageLabels())
         self._lock = threading.Lock()
