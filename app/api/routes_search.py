@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Path, Query, Request, Response, UploadFile
 
 from app.api.deps import MAX_ID, OptionsDep, ServiceDep, SettingsDep, read_upload
 from app.api.metrics import Metrics
@@ -46,7 +46,7 @@ is the score used and `relevant_total` how many hits pass.
 """
 
 
-def cutoff_option(
+async def cutoff_option(  # async: a plain parse, not worth a hop to the thread pool
     cutoff: Annotated[str | None, Query(max_length=32, description=CUTOFF_DESCRIPTION)] = None,
 ) -> CutoffChoice:
     return parse_cutoff(cutoff)
@@ -64,7 +64,17 @@ def _thumbnail_size(request: Request) -> int:
     return 256 if 256 in sizes else min(sizes, key=lambda s: abs(s - 256))
 
 
-def present(request: Request, service: SearchService, page: SearchPage, query: str, kind: str) -> SearchResponse:
+def present(request: Request, service: SearchService, page: SearchPage, query: str, kind: str) -> Response:
+    """The page as JSON. Built and serialised here by pydantic (the response model still documents it): FastAPI
+    would turn the model into a dict, validate that again and encode it in Python, about 0.3 ms a page."""
+    return Response(
+        search_response(request, service, page, query, kind).model_dump_json(), media_type="application/json"
+    )
+
+
+def search_response(
+    request: Request, service: SearchService, page: SearchPage, query: str, kind: str
+) -> SearchResponse:
     metrics: Metrics = request.app.state.metrics
     metrics.observe_page(page, kind)
     root = request.scope.get("root_path", "")
@@ -111,7 +121,7 @@ def search(
     image_id: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="An indexed image to combine with the text (or alone).")
     ] = None,
-) -> SearchResponse:
+) -> Response:
     terms = q or []
     page = service.query(terms, image_id=image_id, options=with_cutoff(options, cutoff))
     query = " ".join(t.strip() for t in terms)
@@ -132,7 +142,7 @@ def similar(
     options: OptionsDep,
     cutoff: CutoffDep,
     image_id: Annotated[int, Path(ge=1, le=MAX_ID)],
-) -> SearchResponse:
+) -> Response:
     page = service.similar_page(image_id, options=with_cutoff(options, cutoff))
     return present(request, service, page, f"similar:{image_id}", "image")
 
@@ -152,7 +162,7 @@ def search_by_image(
     options: OptionsDep,
     cutoff: CutoffDep,
     file: Annotated[UploadFile, File(description="The query image (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
-) -> SearchResponse:
+) -> Response:
     data = read_upload(file, settings.max_upload_bytes)
     page = service.query_image_bytes(data, options=with_cutoff(options, cutoff))
     return present(request, service, page, f"upload:{file.filename or 'image'}", "image")

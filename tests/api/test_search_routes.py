@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.schemas import SearchResponse
 from tests.api.conftest import BASE_MTIME, DAY, Catalog
 
 HIT_KEYS = {"id", "path", "score", "width", "height", "image_url", "thumbnail_url", "relevant"}
@@ -51,6 +52,24 @@ def test_search_returns_ranked_hits_with_links(client: TestClient, catalog: Cata
         assert hit["thumbnail_url"] == f"/images/{hit['id']}/thumbnail?size=256"
         assert Path(hit["path"]) in catalog.files
         assert hit["width"] > 0 and hit["height"] > 0
+
+
+def test_search_bodies_are_the_documented_model_as_json(client: TestClient) -> None:
+    """The routes serialise their pages themselves: the body must still be the response model the OpenAPI schema
+    documents, as JSON (uploads go through the same function as these two)."""
+    schema = client.get("/openapi.json").json()
+    for path in ("/search", "/similar/{image_id}"):
+        ok = schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": "#/components/schemas/SearchResponse"}
+    first = search(client, q="a red bicycle", k=3, facets=5)
+    responses = [
+        client.get("/search", params={"q": "a red bicycle", "k": 3}),
+        client.get(f"/similar/{first['hits'][0]['id']}", params={"k": 3}),
+    ]
+    for response in responses:
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+        body = SearchResponse.model_validate_json(response.content)
+        assert body.model_dump(mode="json") == response.json() and len(body.hits) == 3
 
 
 def test_hits_report_upright_size_of_rotated_photo(client: TestClient, catalog: Catalog) -> None:
