@@ -1,16 +1,17 @@
-"""The model's image preprocessing with one resampling pass over the pixels that are kept.
+"""The model's image preprocessing, faster than open_clip's transform and faithful to it.
 
 open_clip's standard transform resizes the whole picture so that its shorter side is the model input, then crops
 the centre square, with Pillow's bicubic filter; that resize is the most expensive step of preparing a photo
-after decoding. ``fast_transform`` recognises that transform and returns one that computes the same pixels faster:
+after decoding. ``fast_transform`` recognises that transform and returns a ``CenterCropResize``, which has two
+ways to compute it:
 
-- in the indexer (``CenterCropResize``), torch's antialiased uint8 resize, which uses Pillow's kernel and
-  fixed-point arithmetic with SIMD, on the whole picture (the reference's geometry exactly), then the crop: the
-  same pixels as the reference to within a grey level here and there (mean absolute difference about 0.003 of a
-  grey level on real photos, 2 at most), about 2x faster than Pillow on one core;
-- without torch (``app.pixels.CropResize``, the service's ONNX start), Pillow's ``resize(box=...)`` of the
-  centre region only, straight to the model input, which equals the reference to within rounding at the crop
-  edges (about 0.01 of a grey level on average).
+- called directly (queries; and without torch, ``app.pixels.CropResize``, the service's ONNX start, which gives the
+  same pixels), Pillow's ``resize(box=...)`` of the centre region only, straight to the model input: the
+  reference's pixels to within rounding at the crop edges (about 0.01 of a grey level on average);
+- ``for_indexing()`` (the indexer, where it is paid per photo), torch's antialiased uint8 resize, which uses
+  Pillow's kernels and fixed point with SIMD, on the whole picture (the reference's geometry exactly), then the
+  crop: mean absolute difference about 0.003 of a grey level on real photos, 2 at most, and about 2x faster than
+  Pillow's box resize on one core.
 
 Both then convert and normalise as the original does; tests/test_preprocess.py checks pixels and embeddings.
 Any other transform (squash or longest-side resize, extra steps) is returned unchanged.
@@ -45,8 +46,8 @@ _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: 
 
 class CenterCropResize:
     """Resize-shorter-side-to-S then centre-crop SxS, then RGB, tensor in [0, 1] and the model's normalisation:
-    with torch's resize for bicubic and bilinear (``resize_and_crop``), else Pillow's resize of the crop's
-    source region (``app.pixels.CropResize``)."""
+    Pillow's resize of the crop's source region (``app.pixels.CropResize``), or for the indexer torch's resize of
+    the whole picture (``for_indexing``)."""
 
     def __init__(self, size: int, resample: Image.Resampling, mean: Any, std: Any, fallback: Transform) -> None:
         self.fallback = fallback  # the original transform: for modes it resamples differently (palette, alpha)
@@ -64,9 +65,12 @@ class CenterCropResize:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode not in ("RGB", "L"):
             return self.fallback(image)  # decode_image gives RGB: this is for other callers
-        if self._torch_mode is None:
-            return torch.from_numpy(self.core.array(image))
-        return self.resize_and_crop(image, self._torch_mode)
+        return torch.from_numpy(self.core.array(image))
+
+    def for_indexing(self) -> Transform:
+        """The indexer's transform: torch's resize where the filter allows it (``resize_and_crop``), else this.
+        Queries keep Pillow's (``__call__``), which the torch-free ONNX start computes bit for bit."""
+        return self if self._torch_mode is None else _TorchCropResize(self, self._torch_mode)
 
     def resize_and_crop(self, image: Image.Image, mode: str) -> torch.Tensor:
         """The reference's steps with torch's uint8 antialiased resize (bicubic or bilinear): shorter side to
@@ -86,6 +90,18 @@ class CenterCropResize:
 
     def __repr__(self) -> str:
         return f"CenterCropResize(size={self.size}, resample={self.resample.name})"
+
+
+class _TorchCropResize:
+    """``CenterCropResize.for_indexing``: a plain object, so that it pickles (the Ray engine ships it)."""
+
+    def __init__(self, crop: CenterCropResize, mode: str) -> None:
+        self.crop, self.mode = crop, mode
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode not in ("RGB", "L"):
+            return self.crop.fallback(image)
+        return self.crop.resize_and_crop(image, self.mode)
 
 
 def fast_transform(transform: Transform) -> Transform:
@@ -108,3 +124,8 @@ def fast_transform(transform: Transform) -> Transform:
     ):
         return transform
     return CenterCropResize(size, _PIL_FILTERS[resize.interpolation], normalize.mean, normalize.std, transform)
+
+
+def indexing_transform(transform: Transform) -> Transform:
+    """The transform the indexer runs per photo: ``CenterCropResize.for_indexing`` where it applies."""
+    return transform.for_indexing() if isinstance(transform, CenterCropResize) else transform

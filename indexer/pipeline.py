@@ -24,6 +24,7 @@ from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
 from app.index_ondisk import OnDiskIndex
+from app.preprocess import indexing_transform
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
@@ -252,7 +253,9 @@ class Indexer:
 
     @property
     def prepare_options(self) -> PrepareOptions:
-        return PrepareOptions(self.settings.max_image_pixels, self.draft_size, self.encoder.preprocess)
+        return PrepareOptions(
+            self.settings.max_image_pixels, self.draft_size, indexing_transform(self.encoder.preprocess)
+        )
 
     def plan(self, found: ScanResult, summary: IndexSummary, *, retry_failed: bool = False) -> Plan:
         """Diff a listing against the store before anything is read: unchanged files (same size and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,13 +15,17 @@ from torchvision.transforms import Compose
 
 from app.encoder import Encoder
 from app.imaging import decode_image, model_draft_size
-from app.preprocess import CenterCropResize, fast_transform
+from app.preprocess import CenterCropResize, fast_transform, indexing_transform
 from tests.helpers import embedding_fidelity
 
 
 def _path(fast: CenterCropResize, which: str) -> Callable[[Image.Image], torch.Tensor]:
-    """The indexer's torch resize, or the torch-free Pillow one (app.pixels, the service's ONNX start)."""
-    return fast if which == "torch" else lambda image: torch.from_numpy(fast.core.array(image))
+    """The indexer's torch resize, or the Pillow one that queries use (and, without torch, app.pixels)."""
+    if which == "torch":
+        indexing = indexing_transform(fast)
+        assert indexing is not fast
+        return pickle.loads(pickle.dumps(indexing))  # the Ray engine ships it to its workers
+    return fast
 
 
 PATHS = pytest.mark.parametrize("which", ["torch", "pillow"])
