@@ -28,15 +28,20 @@ class CropResize:
     def of(cls, size: int, resample: Image.Resampling, mean: Sequence[float], std: Sequence[float]) -> CropResize:
         return cls(int(size), Image.Resampling(resample), tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
-    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """The region of the original that becomes the crop."""
+    def resized(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The reference's geometry: the size of the whole picture with its shorter side resized to ``size``
+        (width, height), and the top-left corner (left, top) of the centre crop in it."""
         s = self.size
         if width <= height:
             resized_w, resized_h = s, int(s * height / width)
         else:
             resized_w, resized_h = int(s * width / height), s
-        left = int(round((resized_w - s) / 2.0))
-        top = int(round((resized_h - s) / 2.0))
+        return resized_w, resized_h, int(round((resized_w - s) / 2.0)), int(round((resized_h - s) / 2.0))
+
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region of the original that becomes the crop."""
+        s = self.size
+        resized_w, resized_h, left, top = self.resized(width, height)
         sx, sy = width / resized_w, height / resized_h
         return (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
 

@@ -8,7 +8,7 @@ ways to compute it:
 - called directly (queries; and without torch, ``app.pixels.CropResize``, the service's ONNX start, which gives the
   same pixels), Pillow's ``resize(box=...)`` of the centre region only, straight to the model input: the
   reference's pixels to within rounding at the crop edges (about 0.01 of a grey level on average);
-- ``for_indexing()`` (the indexer, where it is paid per photo), torch's antialiased uint8 resize, which uses
+- ``indexing_transform`` (the indexer, where it is paid per photo), torch's antialiased uint8 resize, which uses
   Pillow's kernels and fixed point with SIMD, on the whole picture (the reference's geometry exactly), then the
   crop: mean absolute difference about 0.003 of a grey level on real photos, 2 at most, and about 2x faster than
   Pillow's box resize on one core.
@@ -47,16 +47,13 @@ _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: 
 class CenterCropResize:
     """Resize-shorter-side-to-S then centre-crop SxS, then RGB, tensor in [0, 1] and the model's normalisation:
     Pillow's resize of the crop's source region (``app.pixels.CropResize``), or for the indexer torch's resize of
-    the whole picture (``for_indexing``)."""
+    the whole picture (``TorchCropResize``, ``indexing_transform``)."""
 
     def __init__(self, size: int, resample: Image.Resampling, mean: Any, std: Any, fallback: Transform) -> None:
         self.fallback = fallback  # the original transform: for modes it resamples differently (palette, alpha)
         self.core = CropResize.of(size, resample, mean, std)  # the torch-free arithmetic (app.pixels)
         self.size = self.core.size
         self.resample = self.core.resample
-        self._torch_mode = _TORCH_MODES.get(self.resample)
-        scale, offset = self.core.scale_offset()
-        self._scale, self._offset = torch.from_numpy(scale), torch.from_numpy(offset)
 
     def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region of the original that becomes the SxS crop, with torchvision's sizes and rounding."""
@@ -67,41 +64,34 @@ class CenterCropResize:
             return self.fallback(image)  # decode_image gives RGB: this is for other callers
         return torch.from_numpy(self.core.array(image))
 
-    def for_indexing(self) -> Transform:
-        """The indexer's transform: torch's resize where the filter allows it (``resize_and_crop``), else this.
-        Queries keep Pillow's (``__call__``), which the torch-free ONNX start computes bit for bit."""
-        return self if self._torch_mode is None else _TorchCropResize(self, self._torch_mode)
-
-    def resize_and_crop(self, image: Image.Image, mode: str) -> torch.Tensor:
-        """The reference's steps with torch's uint8 antialiased resize (bicubic or bilinear): shorter side to
-        ``size`` over the whole picture, centre crop, then normalise."""
-        if image.mode == "L":
-            image = image.convert("RGB")
-        width, height = image.size
-        s = self.size
-        new_w, new_h = (s, int(s * height / width)) if width <= height else (int(s * width / height), s)
-        # np.array, not asarray: Pillow hands over read-only bytes, which torch warns about
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # channels-last
-        if (new_w, new_h) != (width, height):
-            pixels = F.interpolate(pixels, size=(new_h, new_w), mode=mode, antialias=True)
-        left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
-        crop = pixels[0, :, top : top + s, left : left + s].to(torch.float32)
-        return torch.addcmul(self._offset, crop, self._scale).contiguous()
-
     def __repr__(self) -> str:
         return f"CenterCropResize(size={self.size}, resample={self.resample.name})"
 
 
-class _TorchCropResize:
-    """``CenterCropResize.for_indexing``: a plain object, so that it pickles (the Ray engine ships it)."""
+class TorchCropResize:
+    """The indexer's ``CenterCropResize``: the reference's steps with torch's uint8 antialiased resize (bicubic or
+    bilinear): shorter side to ``size`` over the whole picture, centre crop, then normalise. A plain object, so
+    that it pickles (the Ray engine ships it)."""
 
     def __init__(self, crop: CenterCropResize, mode: str) -> None:
         self.crop, self.mode = crop, mode
+        scale, offset = crop.core.scale_offset()
+        self.scale, self.offset = torch.from_numpy(scale), torch.from_numpy(offset)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode not in ("RGB", "L"):
             return self.crop.fallback(image)
-        return self.crop.resize_and_crop(image, self.mode)
+        if image.mode == "L":
+            image = image.convert("RGB")
+        width, height = image.size
+        s = self.crop.size
+        new_w, new_h, left, top = self.crop.core.resized(width, height)
+        # np.array, not asarray: Pillow hands over read-only bytes, which torch warns about
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # channels-last
+        if (new_w, new_h) != (width, height):
+            pixels = F.interpolate(pixels, size=(new_h, new_w), mode=self.mode, antialias=True)
+        crop = pixels[0, :, top : top + s, left : left + s].to(torch.float32)
+        return torch.addcmul(self.offset, crop, self.scale).contiguous()
 
 
 def fast_transform(transform: Transform) -> Transform:
@@ -127,5 +117,9 @@ def fast_transform(transform: Transform) -> Transform:
 
 
 def indexing_transform(transform: Transform) -> Transform:
-    """The transform the indexer runs per photo: ``CenterCropResize.for_indexing`` where it applies."""
-    return transform.for_indexing() if isinstance(transform, CenterCropResize) else transform
+    """The transform the indexer runs per photo: ``TorchCropResize`` for a ``CenterCropResize`` whose filter torch
+    computes as Pillow does, else ``transform``. Queries keep Pillow's, which the torch-free ONNX start computes
+    bit for bit."""
+    if isinstance(transform, CenterCropResize) and (mode := _TORCH_MODES.get(transform.resample)):
+        return TorchCropResize(transform, mode)
+    return transform

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -251,8 +252,9 @@ class Indexer:
         summary.seconds = time.perf_counter() - started
         return summary
 
-    @property
+    @functools.cached_property
     def prepare_options(self) -> PrepareOptions:
+        """Built once per indexer: ``_prepare`` reads it for every file."""
         return PrepareOptions(
             self.settings.max_image_pixels, self.draft_size, indexing_transform(self.encoder.preprocess)
         )
