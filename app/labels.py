@@ -115,7 +115,13 @@ class LabelTable:
         codes = np.repeat(np.arange(len(names), dtype=np.int32), sizes)
         order = np.argsort(tagged, kind="stable")
         tagged, codes = tagged[order], codes[order]
-        ids = np.union1d(tagged, flagged_ids)
+        # the ids once each, from the sorted column (np.union1d would sort all 5M rows of 1M images again: 0.76 s)
+        first = np.ones(len(tagged), dtype=bool)
+        np.not_equal(tagged[1:], tagged[:-1], out=first[1:])
+        ids = tagged[first]
+        flagged_only = np.setdiff1d(flagged_ids, ids, assume_unique=True)  # flagged, no tag above its threshold
+        if len(flagged_only):
+            ids = np.union1d(ids, flagged_only)
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.bincount(np.searchsorted(ids, tagged), minlength=len(ids)))
         every = CandidateLabels(
