@@ -59,6 +59,30 @@ def test_saving_a_path_again_updates_the_same_row(any_store_url: str) -> None:
         store.close()
 
 
+def test_records_of_many_ids_in_any_number_and_order(any_store_url: str) -> None:
+    store = Store(any_store_url)
+    try:
+        results = [_result(f"/p/{n}.jpg", f"{n:064x}", np.ones(4, np.float32) if n % 3 else None) for n in range(30)]
+        results = [replace(r, size=1000 + n, mtime=float(n)) for n, r in enumerate(results)]
+        ids = store.save_results(results, "m")
+        expected = {
+            ids[r.path]: (r.path, r.width, r.height, r.format, r.size, r.mtime, r.status.value, r.error, r.sha256)
+            for r in results
+        }
+        unknown = max(ids.values()) + 7
+        every = list(expected)
+        for wanted in (every[:1], every[::-1], every[5:25:2] + [unknown], every[3:9] * 2, [unknown]):
+            found = store.get_many(wanted)
+            assert set(found) == set(wanted) - {unknown}
+            for image_id, record in found.items():
+                assert record.id == image_id
+                assert (record.path, record.width, record.height, record.format, record.size, record.mtime,
+                        record.status, record.error, record.sha256) == expected[image_id]  # fmt: skip
+        assert store.get_many([]) == {}
+    finally:
+        store.close()
+
+
 def test_a_hash_back_fill_keeps_the_vector_and_a_failure_clears_it(any_store_url: str) -> None:
     store = Store(any_store_url)
 
