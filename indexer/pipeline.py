@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -227,7 +228,7 @@ class Indexer:
         # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
         self.tagging = TaggingPlan.from_settings(settings)
         self.part_writer = part_writer or self._write_parts
-        self._model_idle = threading.Event()  # cleared while a batch is in the model (decode_between_batches)
+        self._model_idle = threading.Event()  # cleared while a batch is embedded and committed (_decoders_paused)
         self._model_idle.set()
 
     def run(
@@ -368,12 +369,18 @@ class Indexer:
             return getattr(device, "type", "cpu") == "cpu"
         return mode == "between-batches"
 
-    def _embed(self, batch: list[Prepared]) -> np.ndarray:
-        gate = self.decode_between_batches and bool(batch)
+    @contextlib.contextmanager
+    def _decoders_paused(self, pause: bool) -> Iterator[None]:
+        """Decode workers wait (when ``pause`` and decode_between_batches) until the block is done: the model call
+        and the batch's commit. A commit alongside the decode threads took about 8 ms per batch of 32 against 2 ms
+        alone, and slowed them in turn. Measured on the 64 px model's ingest of 960 photos, committing while they
+        wait gave 148.5 and 151.0 img/s against 141.7 and 143.4 (medians of 4 interleaved rounds, twice); on
+        ViT-B-32, 16.95 against 16.75."""
+        gate = pause and self.decode_between_batches
         if gate:
             self._model_idle.clear()
         try:
-            return embed_batch(self.encoder, batch)
+            yield
         finally:
             self._model_idle.set()
 
@@ -399,7 +406,8 @@ class Indexer:
 
         def flush() -> None:
             nonlocal batches_done
-            self.commit(batch, self._embed(batch), others, plan, summary, touched)
+            with self._decoders_paused(bool(batch)):
+                self.commit(batch, embed_batch(self.encoder, batch), others, plan, summary, touched)
             bar.update(len(batch) + len(others))
             batch.clear()
             others.clear()

@@ -352,17 +352,31 @@ def test_decode_workers_pause_while_the_model_runs_unless_told_to_overlap(
         time.sleep(0.05)
         return real_prepare(*args, **kwargs)
 
+    commits: list[tuple[float, float]] = []
+    real_save = store.save_results
+
+    def recording_save(*args, **kwargs):  # type: ignore[no-untyped-def]
+        begun = time.perf_counter()
+        time.sleep(0.05)  # a commit long enough for workers to start files during it, were they not paused
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            commits.append((begun, time.perf_counter()))
+
     monkeypatch.setattr(pipeline, "prepare_file", recording_prepare)
+    monkeypatch.setattr(store, "save_results", recording_save)
     encoder = _SlowRecordingEncoder(tiny_encoder)
     run_settings = settings.with_overrides(batch_size=4, decode_workers=2, decode_overlap=mode)
     indexer = Indexer(run_settings, store, encoder, progress=False)  # type: ignore[arg-type]
     assert indexer.decode_between_batches == (mode == "between-batches")
     summary = indexer.run([photos[0].parent])
-    assert summary.added == len(photos) and len(encoder.spans) >= 3
+    assert summary.added == len(photos) and len(encoder.spans) >= 3 and len(commits) >= 3
     # 20 ms of grace: a worker that passed the gate just before the model call began may start its file
     during = [t for t in started if any(a + 0.02 < t < b for a, b in encoder.spans)]
+    in_commits = [t for t in started if any(a + 0.02 < t < b for a, b in commits)]
     if mode == "between-batches":
         assert not during, f"{len(during)} files started decoding while the model ran"
+        assert not in_commits, f"{len(in_commits)} files started decoding while a batch was committed"
     else:
         assert during, "no file was decoded alongside the model"
 
