@@ -64,6 +64,7 @@ from app.dupes.cache import (
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size
 from app.index import Manifest
+from app.pixels import FULL_SIZE_KEY, full_size
 from app.search import SearchService
 from app.store import ImageRecord, ImageStatus, Store
 
@@ -91,7 +92,11 @@ def shrunk_for_model(image: Image.Image, draft: int) -> Image.Image:
     """The image box-reduced by the largest integer factor that keeps its shorter side >= ``draft`` pixels: what
     the indexer's JPEG draft decode gives the model, so that a large upload is not resized from full size."""
     factor = min(image.size) // max(draft, 1)
-    return image.reduce(factor) if factor >= 2 else image
+    if factor < 2:
+        return image
+    reduced = image.reduce(factor)
+    reduced.info[FULL_SIZE_KEY] = full_size(image)  # the model's crop follows the whole picture (app.pixels)
+    return reduced
 
 
 def parse_verdict(value: str | Verdict) -> Verdict:

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageTooLarge, UnsupportedImage
+from app.pixels import FULL_SIZE_KEY
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -23,6 +24,11 @@ Image.MAX_IMAGE_PIXELS = None
 #: model on 400 real photos against full decoding: x2 gives mean cosine 0.9992 but top-10 neighbour overlap
 #: 0.895; x3 gives 0.99989 / 0.987; x4 gives 0.99998 / 0.998 (benchmarks/ingest.py reports it for each run).
 DRAFT_FACTOR = 3
+#: ...and never below this many pixels, for margin on small models: the 64 px model at x3 (192 px, so 1/2 scale for
+#: 0.3 MP photos) scored overlap 0.984 on 128 crops of COCO and the samples re-saved at 0.3 MP and 0.991 on the
+#: samples' own photos (cosine 0.99995, 0.99996), just over the 0.98 bar; at 256 px, 1.000 and 1.000. Models of
+#: 224 px and up keep x3: their drafts are larger already.
+MIN_DRAFT_SIDE = 256
 #: ...and never below 1/4 scale. libjpeg's 1/8 scale keeps only each 8x8 block's mean (its DC term): on 12 MP
 #: photos the trained 64 px model's vectors then fall to mean cosine 0.9973 (min 0.985) against full decoding,
 #: where 1/4 scale gives 0.99990 (min 0.9992) for 3.4 ms more decoding per photo (19.6 vs 16.2 ms, 24 photos).
@@ -31,7 +37,7 @@ MAX_DRAFT_SCALE = 4
 
 def model_draft_size(image_size: int) -> int:
     """The draft size to decode images at for a model whose input is ``image_size`` pixels."""
-    return image_size * DRAFT_FACTOR
+    return max(image_size * DRAFT_FACTOR, MIN_DRAFT_SIDE)
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
-    """Decode image bytes into an upright 8-bit RGB image.
-
-    ``draft_size`` lets JPEG decoding run at a reduced DCT scale while keeping both sides at least
-    that many pixels (the model input is far smaller than most photos). Width and height reported
-    are those of the full image, after EXIF orientation.
-    Raises UnsupportedImage with a reason a person can act on.
-    """
+def open_checked(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
+    """Open image bytes lazily (only the header is read) and check them: a known format, sane dimensions, at most
+    ``max_pixels`` pixels. Returns the unloaded image and its format (upper case).
+    Raises UnsupportedImage (ImageTooLarge for too many pixels) with a reason a person can act on."""
     if not data:
         raise UnsupportedImage("empty file (0 bytes)")
     try:
@@ -82,10 +84,23 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             f"image has {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
             "(raise CLIPSEARCH_MAX_IMAGE_PIXELS if this file is trusted)"
         )
+    return img, fmt
+
+
+def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
+    """Decode image bytes into an upright 8-bit RGB image.
+
+    ``draft_size`` lets JPEG decoding run at a reduced DCT scale while keeping both sides at least
+    that many pixels (the model input is far smaller than most photos). Width and height reported
+    are those of the full image, after EXIF orientation.
+    Raises UnsupportedImage with a reason a person can act on.
+    """
+    img, fmt = open_checked(data, max_pixels=max_pixels)
+    width, height = img.size
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)
-        orientation = _exif_orientation(img)
+        orientation = exif_orientation(img)
         if draft_size and fmt == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
             # PIL takes the largest of the scales 1/2, 1/4, 1/8 that keeps both sides >= the size asked for
             floor = (width // MAX_DRAFT_SCALE, height // MAX_DRAFT_SCALE)  # size // floor < 2 * MAX_DRAFT_SCALE
@@ -95,6 +110,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             width, height = height, width
         upright: Image.Image = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
         rgb = to_rgb(upright)
+        if rgb.size != (width, height):  # drafted: the model's crop follows the whole picture (app.pixels)
+            rgb.info[FULL_SIZE_KEY] = (width, height)
     except UnsupportedImage:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -109,7 +126,8 @@ def _decode_failure(exc: BaseException, what: str) -> UnsupportedImage:
     return UnsupportedImage(f"{what}: {reason}")
 
 
-def _exif_orientation(img: Image.Image) -> int | None:
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8) of an opened image, or None (none, or malformed EXIF)."""
     try:
         value = img.getexif().get(0x0112)
     except Exception:  # malformed EXIF must not make a decodable photo fail

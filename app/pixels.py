@@ -13,6 +13,25 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+#: ``app.imaging.decode_image`` records here the whole picture's (width, height) when it decoded a JPEG at a reduced
+#: scale (draft mode). The crop's geometry is then the whole picture's, as the reference computes it on a full
+#: decode: a draft's sides are rounded up (475 rows at 1/2 scale give 238), which can change the resized width the
+#: reference truncates to (64 px model: 85 from 632x475, 84 from 316x238), a shift and a 1 % zoom that moved the
+#: 64 px model's vectors to cosine 0.94 on such photos.
+FULL_SIZE_KEY = "clipsearch.full_size"
+
+
+def full_size(image: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the picture ``image`` was decoded from: its own size unless drafted."""
+    size = image.info.get(FULL_SIZE_KEY)
+    return (int(size[0]), int(size[1])) if size else image.size
+
+
+def draft_scale(full: tuple[int, int], size: tuple[int, int]) -> float:
+    """The whole factor a ``full``-size picture was reduced by to ``size`` (sides rounded up): a JPEG draft's DCT
+    scale (2, 4, 8) or ``Image.reduce``'s factor."""
+    return float(max(1, round(max(full) / max(size)))) if full != size else 1.0
+
 
 @dataclass(frozen=True)
 class CropResize:
@@ -46,10 +65,14 @@ class CropResize:
         return (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
 
     def crop(self, image: Image.Image) -> Image.Image:
-        """The ``size`` x ``size`` RGB crop of an RGB or greyscale image."""
+        """The ``size`` x ``size`` RGB crop of an RGB or greyscale image (of a draft, the whole picture's crop)."""
+        full = full_size(image)
         if image.mode == "L":  # grey resamples like its RGB conversion (three equal channels)
             image = image.convert("RGB")
-        return image.resize((self.size, self.size), self.resample, box=self.source_box(*image.size))
+        scale = draft_scale(full, image.size)
+        left, top, right, bottom = self.source_box(*full)
+        box = (left / scale, top / scale, min(right / scale, image.width), min(bottom / scale, image.height))
+        return image.resize((self.size, self.size), self.resample, box=box)
 
     def scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel float32 (scale, offset), shape (3, 1, 1): ``x * scale + offset`` normalises a 0..255 value."""

@@ -46,7 +46,7 @@ def test_same_pixels_as_open_clip_up_to_rounding_at_the_crop_edges(shared_data: 
     transform = _path(fast, which)
     mean_diffs = []
     for path in _photos(shared_data, 40):
-        image = decode_image(path.read_bytes(), max_pixels=50_000_000, draft_size=model_draft_size(size)).image
+        image = decode_image(path.read_bytes(), max_pixels=50_000_000).image  # drafts: the test below
         want, got = reference(image), transform(image)
         assert got.shape == want.shape == (3, size, size) and got.dtype == torch.float32
         mean_diffs.append(float((want - got).abs().mean()))
@@ -56,6 +56,28 @@ def test_same_pixels_as_open_clip_up_to_rounding_at_the_crop_edges(shared_data: 
             assert float((want - got).abs().max()) < 0.25  # a few edge pixels by a few grey levels, at most
     # in normalised units (one grey level is about 0.015): 0.003 and 0.01 of a grey level on average
     assert np.mean(mean_diffs) < (1e-4 if which == "torch" else 1e-3)
+
+
+@PATHS
+def test_a_drafts_crop_is_the_whole_pictures_crop(shared_data: Path, tmp_path: Path, which: str) -> None:
+    """A JPEG decoded at a reduced scale has its sides rounded up (475 rows at 1/2 scale: 238), which changed the
+    resized width the reference truncates to (64 px: 85 from 632x475, 84 from 316x238): the crop must still be the
+    whole picture's."""
+    transform = _path(fast_transform(open_clip.image_transform(64, is_train=False)), which)
+    diffs = []
+    for i, source in enumerate(sorted((shared_data / "coco-mini" / "images").glob("*.jpg"))[:40]):
+        with Image.open(source) as im:
+            odd = im.convert("RGB").crop((0, 0, min(im.width, 633) - i % 3, min(im.height, 475) - i % 2))
+        if min(odd.size) < 2 * 192:
+            continue  # not drafted
+        odd.save(tmp_path / "odd.jpg", quality=90)
+        data = (tmp_path / "odd.jpg").read_bytes()
+        full = decode_image(data, max_pixels=10**8).image
+        draft = decode_image(data, max_pixels=10**8, draft_size=192).image
+        assert draft.width * 2 - full.width in (0, 1) and draft.height * 2 - full.height in (0, 1)
+        diffs.append(float((transform(draft) - transform(full)).abs().mean()))
+    # what is left is the draft's own decoding (libjpeg's scaled IDCT): about one grey level (0.015) on average
+    assert len(diffs) >= 20 and max(diffs) < 0.04, diffs
 
 
 @PATHS
