@@ -60,8 +60,15 @@ class Settings(BaseSettings):
     decode_overlap: Literal["auto", "always", "between-batches"] = Field(
         default="auto",
         description="When the indexer's decode workers run: 'always' (alongside the model), 'between-batches' "
-        "(only while the model is idle: on a CPU the model's threads use every core, and a decode thread that "
-        "takes one makes the others wait), 'auto': between batches when the model runs on the CPU.",
+        "(only while the model is idle and the batch is not being committed: on a CPU the model's threads use "
+        "every core, and a decode thread that takes one makes the others wait), 'auto': between batches when the "
+        "model runs on the CPU.",
+    )
+    jpeg_decoder: Literal["auto", "pillow", "torchvision"] = Field(
+        default="auto",
+        description="How the indexer decodes JPEGs: 'pillow' (the decode workers, with JPEG draft mode), "
+        "'torchvision' (also in batches on the model's device, nvjpeg on a GPU, while the decode workers take the "
+        "rest: both feed the model), 'auto': torchvision when the model runs on a GPU, else pillow.",
     )
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from app.preprocess import indexing_transform
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
+from indexer.device_jpeg import DeviceJpegLane, LaneItem, is_jpeg
 from indexer.ondisk import PartWriter, build_from_store, maybe_compact, write_store_parts
 from indexer.walk import FileInfo, ScanResult, is_under, scan
 
@@ -123,11 +125,16 @@ class Plan:
 
 
 def prepare_bytes(
-    info: FileInfo, data: bytes, options: PrepareOptions, known_shas: Container[str] = (), hash_only: bool = False
+    info: FileInfo,
+    data: bytes,
+    options: PrepareOptions,
+    known_shas: Container[str] = (),
+    hash_only: bool = False,
+    sha256: str | None = None,
 ) -> Prepared:
-    """Content hash, then (unless the content already has a vector) decode, perceptual hashes and the
-    model's preprocessing. Never raises for a bad file: the reason is in ``error``."""
-    sha = sha256_bytes(data)
+    """Content hash (unless given as ``sha256``), then (unless the content already has a vector) decode, perceptual
+    hashes and the model's preprocessing. Never raises for a bad file: the reason is in ``error``."""
+    sha = sha256 or sha256_bytes(data)
     if sha in known_shas and not hash_only:
         return Prepared(info, sha256=sha, reusable=True)
     try:
@@ -178,7 +185,33 @@ def embed_batch(encoder: Encoder, batch: list[Prepared]) -> np.ndarray:
     """The model's vectors for prepared files with pixels, one row each, in order."""
     if not batch:
         return np.zeros((0, encoder.dim), dtype=np.float32)
-    return encoder.encode_pixels(torch.stack([item.pixels for item in batch]))  # type: ignore[misc]
+    pixels = [item.pixels for item in batch]
+    return encoder.encode_pixels(stack_pixels(pixels, getattr(encoder, "device", None)))  # type: ignore[arg-type]
+
+
+def stack_pixels(pixels: list[torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    """One (N, C, H, W) batch of per-photo pixels, in order, on ``device`` when that is a GPU. There, pixels
+    prepared on the CPU are stacked into pinned (page-locked) memory and sent in one non-blocking copy, and
+    those the device lane prepared (already on the GPU) stay where they are; elsewhere, a plain stack."""
+    if device is None or device.type != "cuda":
+        return torch.stack([p.cpu() for p in pixels])
+    host = [i for i, p in enumerate(pixels) if p.device.type == "cpu"]
+    sent = None
+    if host:
+        first = pixels[host[0]]
+        pinned = torch.empty((len(host), *first.shape), dtype=first.dtype, pin_memory=True)
+        torch.stack([pixels[i] for i in host], out=pinned)
+        sent = pinned.to(device, non_blocking=True)
+        if len(host) == len(pixels):
+            return sent
+    on_device = [i for i, p in enumerate(pixels) if p.device.type != "cpu"]
+    out = torch.stack([pixels[i].to(device) for i in on_device])
+    if sent is None:
+        return out
+    batch = torch.empty((len(pixels), *out.shape[1:]), dtype=out.dtype, device=device)
+    batch[torch.tensor(host, device=device)] = sent
+    batch[torch.tensor(on_device, device=device)] = out
+    return batch
 
 
 def indexed_result(item: Prepared, vector: np.ndarray | None = None) -> ImageResult:
@@ -203,6 +236,13 @@ def embedded_results(batch: list[Prepared], vectors: np.ndarray) -> list[ImageRe
 
 
 BatchCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class _LaneEnd:
+    """A decoding thread of the two-lane stream has finished (with the exception that stopped it, if any)."""
+
+    error: BaseException | None = None
 
 
 class Indexer:
@@ -384,7 +424,25 @@ class Indexer:
         finally:
             self._model_idle.set()
 
+    @functools.cached_property
+    def device_lane(self) -> DeviceJpegLane | None:
+        """The lane that decodes JPEGs in batches on the model's device (CLIPSEARCH_JPEG_DECODER), or None."""
+        mode = self.settings.jpeg_decoder
+        device = getattr(self.encoder, "device", None) or torch.device("cpu")
+        if mode == "pillow" or (mode == "auto" and device.type != "cuda"):
+            return None
+        lane = DeviceJpegLane.for_transform(self.prepare_options.preprocess, device, self.settings.max_image_pixels)
+        if lane is None:
+            log.info("the model's preprocessing is not a plain resize and centre crop: JPEGs are decoded by Pillow")
+        return lane
+
     def _prepared_stream(self, plan: Plan) -> Iterator[Prepared]:
+        if self.device_lane is not None:
+            yield from self._two_lane_stream(plan, self.device_lane)
+            return
+        yield from self._ordered_stream(plan)
+
+    def _ordered_stream(self, plan: Plan) -> Iterator[Prepared]:
         """Decode on a thread pool, in order, with a bounded number of files in flight."""
         window = max(2 * self.settings.batch_size, 4 * self.settings.decode_workers)
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
@@ -395,6 +453,131 @@ class Indexer:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+
+    def _two_lane_stream(self, plan: Plan, lane: DeviceJpegLane) -> Iterator[Prepared]:
+        """Prepared files as they are ready (not in order), from two lanes fed by the decode workers.
+
+        Each worker reads a file and takes its sha256; a JPEG whose content is new then joins the device lane's
+        queue while that holds under a batch (the lane works on another batch meanwhile), and is otherwise prepared
+        by the worker itself (Pillow, draft mode), as is every other file. The lane takes up to a batch at a time.
+        So the device decodes what it keeps up with and the CPU the rest, whichever is the faster. A file the lane
+        cannot decode goes back to the CPU path, which reports it as it would without the lane. Once every file is
+        read, the workers take back the queued files the lane has not started on, so neither lane waits on the
+        other at the end."""
+        batch_size = self.settings.batch_size
+        workers = self.settings.decode_workers
+        options = self.prepare_options
+        out: queue.Queue[Prepared | _LaneEnd] = queue.Queue(maxsize=max(2 * batch_size, 4 * workers))
+        waiting: deque[LaneItem] = deque()
+        changed = threading.Condition()
+        stop = threading.Event()
+        todo = iter(plan.todo)
+        take = threading.Lock()
+        running = [workers]  # decode workers still taking files (guarded by ``changed``)
+
+        def put(item: Prepared | _LaneEnd) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    out.put(item, timeout=0.1)
+                    return
+
+        def cpu_path(item: LaneItem) -> Prepared:
+            return prepare_bytes(item.info, item.data, options, plan.known_shas, item.hash_only, sha256=item.sha256)
+
+        def worker() -> None:
+            error: BaseException | None = None
+            try:
+                while not stop.is_set():
+                    with take:
+                        info = next(todo, None)
+                    if info is None:
+                        with changed:  # no files left to read: take back what the lane has not started on
+                            left = waiting.pop() if waiting else None
+                        if left is None:
+                            break
+                        self._model_idle.wait()
+                        put(cpu_path(left))
+                        continue
+                    self._model_idle.wait()
+                    hash_only = info.path in plan.hash_only
+                    try:
+                        data = read_local(info.path)
+                    except OSError as exc:
+                        put(Prepared(info, error=f"cannot read file: {exc.strerror or exc}"))
+                        continue
+                    sha = sha256_bytes(data)
+                    if sha in plan.known_shas and not hash_only:
+                        put(Prepared(info, sha256=sha, reusable=True))
+                        continue
+                    item = LaneItem(info, data, sha, hash_only)
+                    if is_jpeg(data):
+                        with changed:
+                            if len(waiting) < batch_size:
+                                waiting.append(item)
+                                changed.notify_all()
+                                continue
+                    put(cpu_path(item))
+            except BaseException as exc:  # handed to the consumer, which raises it
+                error = exc
+            finally:
+                with changed:
+                    running[0] -= 1
+                    changed.notify_all()
+                put(_LaneEnd(error))
+
+        def device() -> None:
+            error: BaseException | None = None
+            try:
+                while not stop.is_set():
+                    with changed:
+                        # a full batch, or whatever is there once the workers have stopped or after a short wait
+                        changed.wait_for(lambda: len(waiting) >= batch_size or not running[0] or stop.is_set(), 0.02)
+                        if not waiting and not running[0]:
+                            break
+                        batch = [waiting.popleft() for _ in range(min(batch_size, len(waiting)))]
+                    if not batch:
+                        continue
+                    self._model_idle.wait()
+                    for result in lane.prepare(batch):
+                        item = result.item
+                        if result.handed_back:
+                            put(cpu_path(item))
+                            continue
+                        put(
+                            Prepared(
+                                item.info, sha256=item.sha256, pixels=result.pixels, width=result.width,
+                                height=result.height, format="JPEG", hash_only=item.hash_only, hashes=result.hashes,
+                            )
+                        )  # fmt: skip
+            except BaseException as exc:
+                error = exc
+            finally:
+                put(_LaneEnd(error))
+
+        threads = [threading.Thread(target=worker, name=f"decode-{i}", daemon=True) for i in range(workers)]
+        threads.append(threading.Thread(target=device, name="decode-device", daemon=True))
+        for thread in threads:
+            thread.start()
+        try:
+            ended = 0
+            while ended < len(threads):
+                got = out.get()
+                if isinstance(got, _LaneEnd):
+                    ended += 1
+                    if got.error is not None:
+                        raise got.error
+                    continue
+                yield got
+        finally:
+            stop.set()
+            with changed:
+                changed.notify_all()
+            for thread in threads:
+                thread.join()
+            log.info(
+                "device lane (%s): prepared %d files, handed %d back to the decode workers",
+                lane.device, lane.prepared, lane.handed_back,
+            )  # fmt: skip
 
     def _process(
         self, plan: Plan, summary: IndexSummary, touched: set[int], on_batch_committed: BatchCallback | None

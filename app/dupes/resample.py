@@ -295,3 +295,25 @@ def lanczos_resize(image: Image.Image, sizes: Sequence[Size]) -> list[np.ndarray
     if order is None or image.mode != "L" or not fits:
         return [np.asarray(image.resize(size, Image.Resampling.LANCZOS)) for size in sizes]
     return resize_pixels(np.asarray(image), sizes, order)
+
+
+def lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's Lanczos pass from ``in_size`` pixels to ``out_size`` as a dense (out_size, in_size) float64 matrix
+    of its fixed-point integer coefficients: ``rounded(matrix @ line)`` is Pillow's pass of one line (see
+    ``round_pass``). For other array libraries (the indexer's device hashing); ``resize_pixels`` uses the blocked
+    form."""
+    first, count, fixed = _windows(in_size, out_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for row, (start, n) in enumerate(zip(first.tolist(), count.tolist(), strict=True)):
+        matrix[row, start : start + n] = fixed[row, :n]
+    return matrix
+
+
+#: a pass's sums become pixels as ``clip(floor((sums + PASS_HALF) / PASS_ONE), 0, 255)`` (``_to_pixels``)
+PASS_HALF, PASS_ONE = _HALF, _ONE
+
+
+def vertical_pass_first(in_size: Size, size: Size) -> bool:
+    """Whether the installed Pillow resamples ``in_size`` to ``size`` (both (width, height)) starting with the
+    vertical pass (see ``_vertical_first``; with a Pillow that ``resize_pixels`` does not match, Pillow 13's rule)."""
+    return _vertical_first(pillow_pass_order() or "pillow13", in_size, size)
