@@ -76,6 +76,7 @@ class LaneResult:
     hashes: dict[str, int] | None = None
     width: int = 0
     height: int = 0
+    format: str = "JPEG"
     handed_back: bool = False
 
 
@@ -84,6 +85,7 @@ class _Header:
     width: int  # upright, after EXIF orientation
     height: int
     orientation: int | None
+    format: str
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -135,7 +137,9 @@ class DeviceJpegLane:
             if image is None or header is None:
                 continue
             image = _upright(image, header.orientation)
-            results[i].handed_back, results[i].width, results[i].height = False, header.width, header.height
+            result = results[i]
+            result.handed_back, result.width, result.height = False, header.width, header.height
+            result.format = header.format
             sizes.setdefault((image.shape[-2], image.shape[-1]), []).append((i, image))
         hashed: list[int] = []
         bits: list[torch.Tensor] = []
@@ -172,13 +176,13 @@ class DeviceJpegLane:
             img, fmt = open_checked(item.data, max_pixels=self.max_pixels)
         except UnsupportedImage:
             return None
-        if fmt != "JPEG" or img.mode not in _MODES:
-            return None  # CMYK / YCCK: Pillow's colour conversion
+        if fmt not in ("JPEG", "MPO") or img.mode not in _MODES:
+            return None  # CMYK / YCCK: Pillow's colour conversion (MPO: a JPEG whose first picture both decode)
         width, height = img.size
         orientation = exif_orientation(img)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        return _Header(width, height, orientation)
+        return _Header(width, height, orientation, fmt)
 
     def _decode(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
         """(3, H, W) uint8 images on the device; None where a file does not decode (the whole batch is retried one

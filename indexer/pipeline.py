@@ -546,7 +546,8 @@ class Indexer:
                         put(
                             Prepared(
                                 item.info, sha256=item.sha256, pixels=result.pixels, width=result.width,
-                                height=result.height, format="JPEG", hash_only=item.hash_only, hashes=result.hashes,
+                                height=result.height, format=result.format, hash_only=item.hash_only,
+                                hashes=result.hashes,
                             )
                         )  # fmt: skip
             except BaseException as exc:

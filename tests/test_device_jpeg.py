@@ -126,6 +126,19 @@ def test_grey_levels_and_lanczos_shrinks_are_pillows_bit_for_bit() -> None:
             np.testing.assert_array_equal(shrunk, np.asarray(Image.fromarray(expected).resize(size, Image.LANCZOS)))
 
 
+def test_a_phones_multi_picture_jpeg_is_its_first_picture(tiny_encoder: Encoder, tmp_path: Path) -> None:
+    lane, transform = _lane(tiny_encoder)
+    rng = np.random.default_rng(3)
+    first, second = (Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)) for _ in range(2))
+    path = tmp_path / "phone.jpg"
+    first.save(path, "MPO", save_all=True, append_images=[second], quality=95)
+    (result,) = lane.prepare(_items([path]))
+    cpu = decode_image(path.read_bytes(), max_pixels=10**8)
+    assert cpu.format == result.format == "MPO" and not result.handed_back
+    assert float((result.pixels - transform(cpu.image)).abs().max()) <= 2.01 * float(transform.scale.min())
+    assert result.hashes == ImageHashes.of(cpu.image).as_dict()
+
+
 def test_files_the_lane_cannot_take_are_handed_back(tiny_encoder: Encoder, tmp_path: Path) -> None:
     lane, _ = _lane(tiny_encoder)
     good = tmp_path / "good.jpg"
