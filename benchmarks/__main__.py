@@ -1,6 +1,6 @@
 """Run the performance benchmarks one after another: the one command behind README's Performance table.
 
-    python -m benchmarks --all            # all of PERFORMANCE below (full: about an hour)
+    python -m benchmarks --all            # all of PERFORMANCE below (full: about an hour; gpu_ingest only on a GPU)
     python -m benchmarks --all --quick    # smoke runs of the ones with a quick mode (a few minutes)
     python -m benchmarks query_path ingest
 
@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import gpu_names
+
 # name -> (module, arguments, the extra arguments of its quick mode: None = no quick mode, skipped by --quick)
 PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "ingest": ("ingest", [], ["--quick"]),
@@ -25,7 +27,10 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "http_search-onnx-int8": ("http_search", ["--inference", "onnx-int8"], ["--quick"]),
     "http_search-auto": ("http_search", ["--inference", "auto"], ["--quick"]),
     "inference_backends": ("inference_backends", [], ["--quick"]),
+    "gpu_ingest": ("gpu_ingest", [], ["--quick"]),
 }
+#: benchmarks that need a GPU: skipped, saying so, on a machine without one
+NEEDS_GPU = {"gpu_ingest"}
 
 
 def main() -> int:
@@ -45,6 +50,9 @@ def main() -> int:
         module, fixed_args, quick_args = PERFORMANCE[name]
         if args.quick and quick_args is None:
             print(f"== {name}: no quick mode, skipped (run it alone for its full figures)", flush=True)
+            continue
+        if name in NEEDS_GPU and not gpu_names():
+            print(f"== {name}: needs a GPU (nvidia-smi lists none here), skipped", flush=True)
             continue
         cmd = [sys.executable, "-m", f"benchmarks.{module}", *fixed_args, *(quick_args if args.quick else []), *extra]
         print(f"== {' '.join(cmd[1:])}", flush=True)
