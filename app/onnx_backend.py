@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 ONNX_MODES = (ONNX, ONNX_INT8)
 #: Bump when the exported graphs change (their inputs, what they compute): old caches are then ignored.
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 OPSET = 18
 
 

@@ -43,6 +43,8 @@ class LinearSelfAttention(nn.Module):
         super().__init__()
         dim = attention.embed_dim
         self.num_heads = attention.num_heads
+        self.head_dim = dim // self.num_heads
+        self.scale = self.head_dim**-0.5  # SDPA's default, as a constant: an export computes it at run time otherwise
         self.batch_first = attention.batch_first
         bias = attention.in_proj_bias is not None
         self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
@@ -66,12 +68,13 @@ class LinearSelfAttention(nn.Module):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("LinearSelfAttention only computes self-attention (key and value must be the query)")
         x = query if self.batch_first else query.transpose(0, 1)
-        batch, length, dim = x.shape
-        q, k, v = self.in_proj(x).reshape(batch, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        qkv = self.in_proj(x)
+        # (3, batch, heads, length, head_dim) in one transpose
+        q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA's convention: True = masked out
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(attn_mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, dim))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, scale=self.scale).transpose(1, 2)
+        out = self.out_proj(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
