@@ -42,6 +42,11 @@ from indexer.walk import FileInfo
 
 log = logging.getLogger(__name__)
 
+#: torchvision 0.29 warns at every call that its image decoders are deprecated in favour of TorchCodec; filtered once
+#: here, as warnings.catch_warnings around each call is not thread-safe (the decode threads use it too)
+TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+warnings.filterwarnings("ignore", message=TORCHVISION_DEPRECATION, category=DeprecationWarning)
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Pillow's RGB -> L conversion: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16 (ITU-R 601-2 luma, 16-bit fixed)
 _LUMA = (19595, 38470, 7471)
@@ -192,19 +197,17 @@ class DeviceJpegLane:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec
-            try:
-                return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
-            except RuntimeError:
-                out: list[torch.Tensor | None] = []
-                for tensor in tensors:
-                    try:
-                        out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
-                    except RuntimeError as exc:
-                        log.debug("device lane hands back a JPEG it cannot decode: %s", exc)
-                        out.append(None)
-                return out
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for tensor in tensors:
+                try:
+                    out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as exc:
+                    log.debug("device lane hands back a JPEG it cannot decode: %s", exc)
+                    out.append(None)
+            return out
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float32 normalised pixels of (N, 3, H, W) uint8 images: the reference geometry, 8-bit
