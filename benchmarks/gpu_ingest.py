@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import tempfile
@@ -53,23 +52,12 @@ from indexer import Indexer
 from indexer.device_jpeg import DeviceJpegLane, LaneItem
 from indexer.pipeline import prepare_file, read_local
 from indexer.walk import FileInfo
-from tests.helpers import INSTRUMENT_MODEL
+from tests.helpers import INSTRUMENT_MODEL, resaved_crop
 
 
 def _make_photo(job: tuple[str, str, float, int]) -> None:
     source, target, megapixels, seed = job
-    rng = random.Random(seed)
-    with Image.open(source) as im:
-        im = im.convert("RGB")
-        keep = rng.uniform(0.75, 1.0)
-        w, h = round(im.width * keep), round(im.height * keep)
-        left, top = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-        im = im.crop((left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        scale = (megapixels * 1e6 / (w * h)) ** 0.5
-        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-        im.save(target, quality=90, subsampling="4:2:0")
+    resaved_crop(Path(source), Path(target), megapixels, seed, mirror=True)
 
 
 def make_photos(folder: Path, count: int, megapixels: float) -> list[Path]:

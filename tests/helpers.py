@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CLIPSEARCH_SHARED_DIR", ROOT.parent / "shared")).resolve()
@@ -140,3 +141,24 @@ def embedding_fidelity(reference: np.ndarray, candidate: np.ndarray, k: int = 10
     ref_top, cand_top = np.argsort(-ref, axis=1)[:, :k], np.argsort(-cand, axis=1)[:, :k]
     overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top, strict=True)]))
     return cosine, overlap
+
+
+def resaved_crop(source: Path, target: Path, megapixels: float, seed: int, *, mirror: bool = False) -> tuple[int, int]:
+    """A random crop (75-100 % of each side) of a real photo, mirrored half the time when ``mirror``, resized to about
+    ``megapixels`` and saved as a JPEG (quality 90, 4:2:0) at ``target``: the odd sizes photos get once someone has
+    cropped and re-saved them, and distinct bytes for each seed. Returns the saved (width, height)."""
+    import random
+
+    rng = random.Random(seed)
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        keep = rng.uniform(0.75, 1.0)
+        w, h = round(im.width * keep), round(im.height * keep)
+        left, top = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
+        im = im.crop((left, top, left + w, top + h))
+        if mirror and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scale = (megapixels * 1e6 / (w * h)) ** 0.5
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+        im.save(target, quality=90, subsampling="4:2:0")
+        return im.size

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from app.encoder import Encoder, ModelSpec
-from tests.helpers import embedding_fidelity
+from tests.helpers import embedding_fidelity, resaved_crop
 
 QUERIES = [
     "dog",
@@ -83,28 +83,15 @@ def test_draft_decoding_of_photos_re_saved_at_odd_sizes_keeps_the_trained_models
     """Crops of real photos re-saved at about 1.2 MP with odd sides (e.g. 1265x949), drafted at 1/2 scale: a draft
     rounds its sides up, and resizing it with its own geometry instead of the whole picture's moved the crop (top-10
     overlap 0.973 here, cosine down to 0.94 on some 0.3 MP photos at 1/2 scale)."""
-    import random
-
-    from PIL import Image
-
     from app.imaging import decode_image, model_draft_size
 
     sources = sorted((shared_data / "coco-mini" / "images").glob("*.jpg"))
     sources += sorted((shared_data / "photo-samples").glob("*/*.jpg"))
     datas, odd = [], 0
     for i, source in enumerate(sources[:128]):
-        rng = random.Random(i)
-        with Image.open(source) as im:
-            im = im.convert("RGB")
-            keep = rng.uniform(0.75, 1.0)
-            w, h = round(im.width * keep), round(im.height * keep)
-            left, top = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-            scale = (1.2e6 / (w * h)) ** 0.5
-            im = im.crop((left, top, left + w, top + h)).resize((round(w * scale), round(h * scale)))
-            odd += im.width % 2 or im.height % 2
-            path = tmp_path / f"{i}.jpg"
-            im.save(path, quality=90, subsampling="4:2:0")
-        datas.append(path.read_bytes())
+        width, height = resaved_crop(source, tmp_path / f"{i}.jpg", 1.2, seed=i)
+        odd += width % 2 or height % 2
+        datas.append((tmp_path / f"{i}.jpg").read_bytes())
     assert odd >= 32
 
     def embed(draft_size: int | None) -> np.ndarray:
