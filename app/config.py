@@ -56,7 +56,13 @@ class Settings(BaseSettings):
         description="Threads for torch and FAISS in this process; 0: the library defaults (all cores).",
     )
     batch_size: int = Field(default=32, ge=1, le=4096)
-    decode_workers: int = Field(default_factory=_default_workers, ge=1, le=256)
+    decode_workers: int = Field(
+        default_factory=_default_workers,
+        ge=1,
+        le=256,
+        description="Threads decoding images for the model; when not set: min(4, cores), and every core when the "
+        "model runs on a GPU (the indexer decides: the threads are then what feeds it).",
+    )
     decode_overlap: Literal["auto", "always", "between-batches"] = Field(
         default="auto",
         description="When the indexer's decode workers run: 'always' (alongside the model), 'between-batches' "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -436,6 +437,15 @@ class Indexer:
             log.info("the model's preprocessing is not a plain resize and centre crop: JPEGs are decoded by Pillow")
         return lane
 
+    @functools.cached_property
+    def decode_workers(self) -> int:
+        """CLIPSEARCH_DECODE_WORKERS when set; by default min(4, cores) on a CPU, where the model needs the cores,
+        and every core on a GPU, where the threads are what feeds it."""
+        device = getattr(self.encoder, "device", None)
+        if "decode_workers" in self.settings.model_fields_set or getattr(device, "type", "cpu") != "cuda":
+            return self.settings.decode_workers
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
     def _prepared_stream(self, plan: Plan) -> Iterator[Prepared]:
         if self.device_lane is not None:
             yield from self._two_lane_stream(plan, self.device_lane)
@@ -444,8 +454,8 @@ class Indexer:
 
     def _ordered_stream(self, plan: Plan) -> Iterator[Prepared]:
         """Decode on a thread pool, in order, with a bounded number of files in flight."""
-        window = max(2 * self.settings.batch_size, 4 * self.settings.decode_workers)
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
+        window = max(2 * self.settings.batch_size, 4 * self.decode_workers)
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
             pending: deque[Future[Prepared]] = deque()
             for info in plan.todo:
                 pending.append(pool.submit(self._prepare, info, plan.known_shas, info.path in plan.hash_only))
@@ -465,7 +475,7 @@ class Indexer:
         read, the workers take back the queued files the lane has not started on, so neither lane waits on the
         other at the end."""
         batch_size = self.settings.batch_size
-        workers = self.settings.decode_workers
+        workers = self.decode_workers
         options = self.prepare_options
         out: queue.Queue[Prepared | _LaneEnd] = queue.Queue(maxsize=max(2 * batch_size, 4 * workers))
         waiting: deque[LaneItem] = deque()

@@ -279,6 +279,29 @@ def test_auto_uses_the_lane_on_a_gpu_only(
     assert Indexer(pillow, store, OnGpu(tiny_encoder), progress=False).device_lane is None  # type: ignore[arg-type]
 
 
+def test_on_a_gpu_every_core_decodes_unless_told_otherwise(
+    tiny_model_dir: Path, store: Store, tiny_encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    class OnGpu:
+        device = torch.device("cuda")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(tiny_encoder, name)
+
+    monkeypatch.delenv("CLIPSEARCH_DECODE_WORKERS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    default = Settings(model=f"local-dir:{tiny_model_dir}")
+    assert default.decode_workers <= 4
+    assert Indexer(default, store, OnGpu(), progress=False).decode_workers == 16  # type: ignore[arg-type]
+    assert Indexer(default, store, tiny_encoder, progress=False).decode_workers == default.decode_workers  # CPU
+    chosen = Settings(model=f"local-dir:{tiny_model_dir}", decode_workers=3)
+    assert Indexer(chosen, store, OnGpu(), progress=False).decode_workers == 3  # type: ignore[arg-type]
+    monkeypatch.setenv("CLIPSEARCH_DECODE_WORKERS", "5")
+    assert Indexer(Settings(model=f"local-dir:{tiny_model_dir}"), store, OnGpu(), progress=False).decode_workers == 5  # type: ignore[arg-type]
+
+
 def test_batches_are_stacked_in_order_on_the_cpu() -> None:
     pixels = [torch.full((3, 4, 4), float(i)) for i in range(5)]
     batch = stack_pixels(pixels, torch.device("cpu"))
