@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.dupes.hashing import HASH_FIELDS
+from app.dupes.hashing import DHASH_INPUT, HASH_FIELDS, HASH_INPUT_MAX_SIDE, HASH_SIZE, PHASH_INPUT
 from app.dupes.resample import PASS_HALF, PASS_ONE, lanczos_matrix, vertical_pass_first
 from app.errors import UnsupportedImage
 from app.imaging import exif_orientation, open_checked
@@ -50,12 +50,6 @@ warnings.filterwarnings("ignore", message=TORCHVISION_DEPRECATION, category=Depr
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Pillow's RGB -> L conversion: (R * 19595 + G * 38470 + B * 7471 + 0x8000) >> 16 (ITU-R 601-2 luma, 16-bit fixed)
 _LUMA = (19595, 38470, 7471)
-# hashing reads a 32x32 (pHash) or 9x8 (dHash) grey version; as app.dupes.hashing, bigger photos are box-reduced
-# to at most this side first
-_HASH_INPUT_MAX_SIDE = 1024
-_PHASH_SIDE = 32
-_DHASH_SIZE = (9, 8)  # (width, height)
-_HASH_SIZE = 8
 _MODES = frozenset({"RGB", "L", "YCbCr"})
 # photos of one size are resized and hashed together, at most this many 8-bit values at a time (~270 MB as float32)
 _GROUP_VALUES = 1 << 26
@@ -255,8 +249,8 @@ def _hash_input(grey: torch.Tensor) -> torch.Tensor:
     """(N, H, W) float64 grey levels, box-reduced by a whole factor when the longest side is over 1,024 px."""
     longest = max(grey.shape[-2:])
     levels = grey.to(torch.float64)
-    if longest > _HASH_INPUT_MAX_SIDE:
-        factor = -(-longest // _HASH_INPUT_MAX_SIDE)
+    if longest > HASH_INPUT_MAX_SIDE:
+        factor = -(-longest // HASH_INPUT_MAX_SIDE)
         mean = F.avg_pool2d(levels[:, None], factor, ceil_mode=True, count_include_pad=False)[:, 0]
         levels = torch.floor(mean + 0.5)
     return levels
@@ -297,7 +291,7 @@ def _dct_matrix(size: int, device: torch.device) -> torch.Tensor:
 
 def _phash_bits(small: torch.Tensor) -> torch.Tensor:
     dct = _dct_matrix(small.shape[-1], small.device)
-    low = (dct @ small @ dct.T)[..., :_HASH_SIZE, :_HASH_SIZE].flatten(-2)
+    low = (dct @ small @ dct.T)[..., :HASH_SIZE, :HASH_SIZE].flatten(-2)
     ranked = low.sort(dim=-1).values
     median = (ranked[..., 31:32] + ranked[..., 32:33]) / 2.0  # numpy's median of 64 values
     return low > median
@@ -311,8 +305,8 @@ def hash_bits(images: torch.Tensor) -> torch.Tensor:
     """(N, 4, 64) bool: pHash, dHash, and both of the mirror image (``HASH_FIELDS`` order), of (N, 3, H, W) upright
     uint8 RGB images."""
     levels = _hash_input(grey_levels(images))
-    small_p = lanczos(levels, _PHASH_SIDE, _PHASH_SIDE)
-    small_d = lanczos(levels, *_DHASH_SIZE)
+    small_p = lanczos(levels, *PHASH_INPUT)
+    small_d = lanczos(levels, *DHASH_INPUT)
     return torch.stack(
         [_phash_bits(small_p), _dhash_bits(small_d), _phash_bits(small_p.flip(-1)), _dhash_bits(small_d.flip(-1))],
         dim=1,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
 from app.index_ondisk import OnDiskIndex
+from app.onnx_encoder import default_threads
 from app.preprocess import indexing_transform
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
@@ -136,8 +136,8 @@ def prepare_bytes(
     """Content hash (unless given as ``sha256``), then (unless the content already has a vector) decode, perceptual
     hashes and the model's preprocessing. Never raises for a bad file: the reason is in ``error``."""
     sha = sha256 or sha256_bytes(data)
-    if sha in known_shas and not hash_only:
-        return Prepared(info, sha256=sha, reusable=True)
+    if (known := known_content(info, sha, known_shas, hash_only)) is not None:
+        return known
     try:
         decoded = decode_image(data, max_pixels=options.max_pixels, draft_size=options.draft_size)
         hashes = asdict(ImageHashes.of(decoded.image))
@@ -171,11 +171,24 @@ def prepare_file(
     hash_only: bool = False,
 ) -> Prepared:
     """Read a file with ``read`` (a local open, an fsspec filesystem) and prepare it (see prepare_bytes)."""
+    data = read_or_failure(info, read)
+    if isinstance(data, Prepared):
+        return data
+    return prepare_bytes(info, data, options, known_shas, hash_only)
+
+
+def read_or_failure(info: FileInfo, read: Callable[[str], bytes]) -> bytes | Prepared:
+    """The file's bytes, or the failure to record when it cannot be read."""
     try:
-        data = read(info.path)
+        return read(info.path)
     except OSError as exc:
         return Prepared(info, error=f"cannot read file: {exc.strerror or exc}")
-    return prepare_bytes(info, data, options, known_shas, hash_only)
+
+
+def known_content(info: FileInfo, sha: str, known_shas: Container[str], hash_only: bool) -> Prepared | None:
+    """A file whose content the store already has a vector for (to reuse, not decode), else None; a file that only
+    lacks its perceptual hashes is decoded whatever its content."""
+    return Prepared(info, sha256=sha, reusable=True) if sha in known_shas and not hash_only else None
 
 
 def read_local(path: str) -> bytes:
@@ -444,7 +457,7 @@ class Indexer:
         device = getattr(self.encoder, "device", None)
         if "decode_workers" in self.settings.model_fields_set or getattr(device, "type", "cpu") != "cuda":
             return self.settings.decode_workers
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return default_threads()
 
     def _prepared_stream(self, plan: Plan) -> Iterator[Prepared]:
         if self.device_lane is not None:
@@ -510,14 +523,13 @@ class Indexer:
                         continue
                     self._model_idle.wait()
                     hash_only = info.path in plan.hash_only
-                    try:
-                        data = read_local(info.path)
-                    except OSError as exc:
-                        put(Prepared(info, error=f"cannot read file: {exc.strerror or exc}"))
+                    data = read_or_failure(info, read_local)
+                    if isinstance(data, Prepared):
+                        put(data)
                         continue
                     sha = sha256_bytes(data)
-                    if sha in plan.known_shas and not hash_only:
-                        put(Prepared(info, sha256=sha, reusable=True))
+                    if (known := known_content(info, sha, plan.known_shas, hash_only)) is not None:
+                        put(known)
                         continue
                     item = LaneItem(info, data, sha, hash_only)
                     if is_jpeg(data):

@@ -16,11 +16,11 @@ HASH_BITS = 64
 HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 # Hashing reads a 32x32 (pHash) or 9x8 (dHash) grey version: shrinking big photos first with a cheap box
 # filter changes a hash by 0-2 bits and makes it ~50x faster on a 12 MP photo.
-_HASH_INPUT_MAX_SIDE = 1024
+HASH_INPUT_MAX_SIDE = 1024
 # imagehash's default hash_size (8x8 bits), and the sizes its phash and dhash shrink to (highfreq_factor=4)
-_HASH_SIZE = 8
-_PHASH_INPUT = (32, 32)
-_DHASH_INPUT = (9, 8)
+HASH_SIZE = 8
+PHASH_INPUT = (32, 32)
+DHASH_INPUT = (9, 8)
 
 
 def hamming(a: int, b: int) -> int:
@@ -42,7 +42,7 @@ def _phash(pixels: np.ndarray) -> int:
     import scipy.fftpack  # as imagehash does: importing scipy.fftpack takes ~0.3 s
 
     dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)
-    low = dct[:_HASH_SIZE, :_HASH_SIZE]
+    low = dct[:HASH_SIZE, :HASH_SIZE]
     return _bits_to_int(low > np.median(low))
 
 
@@ -53,8 +53,8 @@ def _dhash(pixels: np.ndarray) -> int:
 
 def _hash_input(image: Image.Image) -> Image.Image:
     longest = max(image.size)
-    if longest > _HASH_INPUT_MAX_SIDE:
-        image = image.reduce(-(-longest // _HASH_INPUT_MAX_SIDE))
+    if longest > HASH_INPUT_MAX_SIDE:
+        image = image.reduce(-(-longest // HASH_INPUT_MAX_SIDE))
     return image.convert("L")
 
 
@@ -79,7 +79,7 @@ class ImageHashes:
         # for two resizes instead of four, the most expensive part of hashing. The two shrinks are done by
         # app.dupes.resample in about half the time of Pillow's scalar loop, and are exactly Pillow's pixels: the
         # same integer arithmetic, carried out in float64 matrix products where every sum is an exact integer.
-        small_p, small_d = lanczos_resize(grey, (_PHASH_INPUT, _DHASH_INPUT))
+        small_p, small_d = lanczos_resize(grey, (PHASH_INPUT, DHASH_INPUT))
         return cls(
             phash=_phash(small_p),
             dhash=_dhash(small_d),
