@@ -120,7 +120,7 @@ def index(
         raise click.UsageError("--ray-address and --ray-workers go with --engine ray")
     settings = _settings(opts)
     store = Store(settings.effective_database_url)
-    encoder = Encoder.from_settings(settings)
+    encoder = Encoder.from_settings(settings, indexing=engine == "local")
     progress = not quiet and sys.stderr.isatty()
     if not paths:
         click.echo(Indexer(settings, store, encoder, progress=progress).compact_index())

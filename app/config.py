@@ -63,9 +63,19 @@ class Settings(BaseSettings):
         description="Threads decoding images for the model; when not set: min(4, cores), and every core when the "
         "model runs on a GPU (the indexer decides: the threads are then what feeds it).",
     )
+    encode_lanes: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="CPU indexing: how many batches are prepared and encoded at once, each by its own thread on its "
+        "share of the cores (every core prepares its photos, then runs the model on them, with no core waiting on "
+        "another); 0: one lane per core, at most 4; 1: one batch at a time with the model on every core and "
+        "decode_workers preparing photos for it. A GPU always uses one lane.",
+    )
     decode_overlap: Literal["auto", "always", "between-batches"] = Field(
         default="auto",
-        description="When the indexer's decode workers run: 'always' (alongside the model), 'between-batches' "
+        description="With one encode lane: when the indexer's decode workers run: 'always' (alongside the model), "
+        "'between-batches' "
         "(only while the model is idle and the batch is not being committed: on a CPU the model's threads use "
         "every core, and a decode thread that takes one makes the others wait), 'auto': between batches when the "
         "model runs on the CPU.",

@@ -19,11 +19,23 @@ from PIL import Image
 from app.config import Settings
 from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
-from app.onnx_encoder import AUTO, encode_in_batches, normalise, resolve_inference
+from app.onnx_encoder import AUTO, default_threads, encode_in_batches, normalise, resolve_inference
 from app.preprocess import fast_transform
 from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
+
+
+#: CLIPSEARCH_ENCODE_LANES=0 gives one lane per core up to this many (each lane holds a batch's activations;
+#: measured on 2 cores only)
+MAX_AUTO_LANES = 4
+
+
+def resolve_lanes(requested: int, device: torch.device, threads: int = 0) -> int:
+    """The indexer's encode lanes: ``requested``, or one per core (at most MAX_AUTO_LANES) for 0; one on a GPU."""
+    if device.type != "cpu":
+        return 1
+    return requested or min(threads or default_threads(), MAX_AUTO_LANES)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -47,10 +59,13 @@ class Encoder:
         threads: int = 0,
         onnx_cache_dir: Path | None = None,
         export_in_background: bool = False,
+        lanes: int = 1,
     ) -> None:
         """``export_in_background`` (the service's start under 'auto'): when the ONNX export is not cached yet,
         start on torch fp32 at once and switch to ONNX Runtime once a thread has exported the towers
-        (``onnx_ready`` is set then); otherwise the export, when needed, happens here, before the encoder is usable."""
+        (``onnx_ready`` is set then); otherwise the export, when needed, happens here, before the encoder is usable.
+        ``lanes`` (CPU only): the indexer's lanes, threads that each encode their own batches at once
+        (``encode_pixels_in_lane``); the image tower's threads are shared out between them."""
         import open_clip
 
         if threads:
@@ -58,6 +73,12 @@ class Encoder:
 
         self.spec = spec
         self.device = device
+        total_threads = threads or torch.get_num_threads()
+        self.image_lanes = max(1, min(lanes, total_threads)) if device.type == "cpu" else 1
+        #: torch's intra-op threads in each lane (encode_pixels_in_lane); ORT's lanes share one session instead,
+        #: whose pool holds the cores the lanes' own threads leave (one: none, for one lane per core)
+        self.lane_threads = max(1, total_threads // self.image_lanes)
+        image_threads = total_threads - self.image_lanes + 1 if self.image_lanes > 1 else 0
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name,
@@ -81,7 +102,15 @@ class Encoder:
         if self.inference not in (FP32, INT8) and export_in_background and inference == AUTO:
             background_mode, self.inference = self.inference, FP32  # torch until the export is done
         elif self.inference not in (FP32, INT8):
-            self._onnx = _load_onnx(model, spec, self.inference, onnx_cache_dir, threads, chosen=inference != AUTO)
+            self._onnx = _load_onnx(
+                model,
+                spec,
+                self.inference,
+                onnx_cache_dir,
+                threads,
+                chosen=inference != AUTO,
+                image_threads=image_threads,
+            )
             if self._onnx is None:
                 self.inference = FP32
         if device.type == "cpu":
@@ -137,15 +166,20 @@ class Encoder:
             log.warning("could not write the ONNX launch record for %s: %s", self.spec.label, exc)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, export_in_background: bool = False) -> Encoder:
+    def from_settings(
+        cls, settings: Settings, *, export_in_background: bool = False, indexing: bool = False
+    ) -> Encoder:
+        """``indexing``: the encoder of an indexing run, with CLIPSEARCH_ENCODE_LANES lanes on a CPU."""
+        device = resolve_device(settings.device)
         return cls(
             ModelSpec.from_settings(settings),
-            resolve_device(settings.device),
+            device,
             settings.model_cache_dir,
             inference=settings.inference,
             threads=settings.torch_threads,
             onnx_cache_dir=settings.data_dir / "onnx",
             export_in_background=export_in_background,
+            lanes=resolve_lanes(settings.encode_lanes, device, settings.torch_threads) if indexing else 1,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -169,6 +203,19 @@ class Encoder:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             features = self.model.encode_image(batch)
         return _normalise(features)
+
+    def enter_lane(self) -> None:
+        """Called once by each of the indexer's lane threads: its share of torch's intra-op threads (torch counts
+        them per thread; the caller restores the process-wide count when the lanes are done)."""
+        torch.set_num_threads(self.lane_threads)
+
+    def encode_pixels_in_lane(self, batch: torch.Tensor) -> np.ndarray:
+        """``encode_pixels`` for one of ``image_lanes`` threads that encode at once (CPU only): without the lock,
+        as ONNX Runtime sessions and an inference-mode torch forward can run from several threads."""
+        if self._onnx is not None and self._onnx.image is not None:
+            return _normalise(self._onnx.encode_image(batch.numpy()))
+        with torch.inference_mode():
+            return _normalise(self.model.encode_image(batch.contiguous(memory_format=torch.channels_last)))
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return encode_in_batches(self, images, batch_size, torch.stack)
@@ -242,7 +289,14 @@ def _pooled_positions(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _load_onnx(
-    model: Any, spec: ModelSpec, mode: str, cache_dir: Path | None, threads: int, *, chosen: bool = True
+    model: Any,
+    spec: ModelSpec,
+    mode: str,
+    cache_dir: Path | None,
+    threads: int,
+    *,
+    chosen: bool = True,
+    image_threads: int = 0,
 ) -> Any | None:
     """ONNX Runtime sessions for ``model``'s towers (see app.onnx_backend), or None (with a warning saying
     why) when neither tower can run there: the encoder then stays on torch fp32."""
@@ -252,7 +306,9 @@ def _load_onnx(
         log.warning("CLIPSEARCH_INFERENCE=%s needs onnxruntime and onnx (%s): using torch fp32 instead", mode, exc)
         return None
     folder = cache_dir or Path(tempfile.gettempdir()) / "clipsearch-onnx"
-    towers = load_towers(model, spec.store_key, folder, mode, _image_size(model), threads, chosen=chosen)
+    towers = load_towers(
+        model, spec.store_key, folder, mode, _image_size(model), threads, chosen=chosen, image_threads=image_threads
+    )
     if towers.text is None and towers.image is None:
         log.warning(
             "CLIPSEARCH_INFERENCE=%s: neither tower of %s runs on ONNX Runtime; using torch fp32", mode, spec.label

@@ -267,21 +267,32 @@ def tower_path(folder: Path, tower: str, mode: str) -> Path:
 
 
 def load_towers(
-    model: Any, store_key: str, cache_root: Path, mode: str, image_size: int, threads: int = 0, *, chosen: bool = True
+    model: Any,
+    store_key: str,
+    cache_root: Path,
+    mode: str,
+    image_size: int,
+    threads: int = 0,
+    *,
+    chosen: bool = True,
+    image_threads: int = 0,
 ) -> OnnxTowers:
     """Sessions for ``model``'s towers in ``mode`` (onnx | onnx-int8), exporting (and quantising) into
-    ``cache_root/<key>/`` what is not there yet or does not load. A tower that cannot be exported is None,
-    with a warning saying why; a tower of a kind ONNX Runtime does not take (a Hugging Face text tower) is said
-    at INFO level when the mode was not ``chosen`` by the user but picked by CLIPSEARCH_INFERENCE=auto."""
+    ``cache_root/<key>/`` what is not there yet or does not load. ``threads``: intra-op threads of both sessions
+    (0: torch's count); ``image_threads``, when set, those of the image tower's (the indexer's lanes). A tower
+    that cannot be exported is None, with a warning saying why; a tower of a kind ONNX Runtime does not take (a
+    Hugging Face text tower) is said at INFO level when the mode was not ``chosen`` by the user but picked by
+    CLIPSEARCH_INFERENCE=auto."""
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown ONNX mode {mode!r}: use one of {', '.join(ONNX_MODES)}")
     folder = cache_root / cache_key(store_key, model)
 
     def session(tower: str, export: Callable[[Path], None]) -> Any | None:
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
+        tower_threads = image_threads if tower == "image" and image_threads else threads
         if path.exists():
             try:
-                return new_session(path, threads)
+                return new_session(path, tower_threads)
             except Exception as exc:  # truncated or corrupt (ORT says which): build it again
                 log.warning("the cached ONNX file %s does not load (%s): exporting it again", path, exc)
                 fp32_path.unlink(missing_ok=True)
@@ -298,7 +309,7 @@ def load_towers(
                 export(fp32_path)
                 if path != fp32_path:
                     quantize_file(fp32_path, path)
-            return new_session(path, threads)
+            return new_session(path, tower_threads)
         except OnnxExportError as exc:
             reason, level = str(exc), logging.WARNING if chosen else logging.INFO
         except Exception as exc:

@@ -30,6 +30,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from app.imaging import decode_image
 from app.quantize import INT8, quantize
 from app.store import Store
 from benchmarks.common import write_results
+from benchmarks.http_search import save_weights
 from indexer import Indexer
 from tests.helpers import DATA, INSTRUMENT_MODEL
 
@@ -166,18 +168,62 @@ def encode_all(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> np.nd
     return np.concatenate([encoder.encode_pixels(pixels[i : i + batch_size]) for i in starts])
 
 
+def lanes_model_only(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
+    """Model-only through the indexer's lanes: ``image_lanes`` threads encoding every other batch at once."""
+    starts = list(range(0, len(pixels), batch_size))
+    lanes = encoder.image_lanes
+
+    def lane(first: int) -> None:
+        encoder.enter_lane()
+        for i in starts[first::lanes]:
+            encoder.encode_pixels_in_lane(pixels[i : i + batch_size].contiguous())
+
+    threads_before = torch.get_num_threads()
+    start = time.perf_counter()
+    workers = [threading.Thread(target=lane, args=(k,)) for k in range(lanes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads_before)
+    return seconds
+
+
 def bench_model(
-    label: str, settings: Settings, photos: list[Path], quant: bool, rounds: int, photo_set: str = "real mix"
+    label: str,
+    settings: Settings,
+    photos: list[Path],
+    quant: bool,
+    rounds: int,
+    photo_set: str = "real mix",
+    lanes: int = 0,
 ) -> dict[str, object]:
     """Every path once per round, the order rotated per round so that none always runs first or last; the
-    rates reported are each path's median over the rounds, and the ratios are taken between medians."""
-    torch.manual_seed(0)
-    encoder = Encoder.from_settings(settings)
+    rates reported are each path's median over the rounds, and the ratios are taken between medians.
+
+    Paths: the canonical loop, model-only and clipsearch on torch fp32 (clipsearch with the indexing encoder's
+    lanes, and with one lane, the design before them); int8 model-only; and the default inference ('auto', which
+    is ONNX Runtime fp32 on a CPU for fixed weights): model-only on the service's session (every thread on one
+    call), model-only through the lanes, and clipsearch. ``settings.pretrained`` must name fixed weights (a file,
+    a local-dir model) so that every path runs the same model."""
     bs = settings.batch_size
-    # warm-up: first calls allocate and pick kernels
-    encoder.encode_pixels(torch.stack([encoder.preprocess_image(Image.open(photos[0]).convert("RGB"))] * bs))
+    torch_settings = settings.with_overrides(inference="fp32", encode_lanes=lanes)
+    default_settings = settings.with_overrides(inference="auto", encode_lanes=lanes)
+    encoder = Encoder.from_settings(torch_settings)  # model-only, the loop, one lane
+    lane_encoder = Encoder.from_settings(torch_settings, indexing=True)
+    ort = Encoder.from_settings(default_settings)  # the service's: every thread on one call
+    ort_lanes = Encoder.from_settings(default_settings, indexing=True)
+    assert ort.inference == ort_lanes.inference == "onnx", ort.inference
     with photo_folder(photos) as links:
         reference, pixels = decoded_pixels(encoder, settings, links)
+        # warm-up: first calls allocate and pick kernels, in each lane too (a run on the first batch of photos)
+        for enc in (encoder, ort):
+            encode_all(enc, pixels[:bs], bs)
+        for enc in (lane_encoder, ort_lanes):
+            lanes_model_only(enc, pixels[: 2 * bs], bs)
+            with photo_folder(photos[: 2 * bs]) as few:
+                clipsearch_run(settings, enc, few[0].parent)
         # the reference: full decode and open_clip's own transform (ours resamples the crop region only)
         ref_pixels = torch.stack([encoder.reference_preprocess(im) for im in reference])
         ref_vecs = encode_all(encoder, ref_pixels, bs)
@@ -190,15 +236,28 @@ def bench_model(
             seconds, vectors["baseline"] = baseline_loop(encoder, links, bs)
             return seconds
 
-        def clipsearch() -> float:
-            seconds, vectors["clipsearch"], paths = clipsearch_run(settings, encoder, links[0].parent)
-            assert paths == [str(p) for p in links]
-            return seconds
+        def indexed(name: str, enc: Encoder) -> Callable[[], float]:
+            def run() -> float:
+                seconds, vectors[name], paths = clipsearch_run(settings, enc, links[0].parent)
+                assert paths == [str(p) for p in links]
+                return seconds
+
+            return run
+
+        def ort_model_only() -> float:
+            start = time.perf_counter()
+            encode_all(ort, pixels, bs)
+            return time.perf_counter() - start
 
         paths: dict[str, Callable[[], float]] = {
             "baseline": baseline,
             "model_only": lambda: model_only(encoder, pixels, bs),
-            "clipsearch": clipsearch,
+            "clipsearch": indexed("clipsearch", lane_encoder),
+            "clipsearch_one_lane": indexed("clipsearch_one_lane", encoder),
+            "model_only_lanes": lambda: lanes_model_only(lane_encoder, pixels, bs),
+            "ort_model_only": ort_model_only,
+            "ort_model_only_lanes": lambda: lanes_model_only(ort_lanes, pixels, bs),
+            "clipsearch_default": indexed("clipsearch_default", ort_lanes),
         }
         if qmodel is not None:
             paths["int8_model_only"] = lambda: model_only(encoder, pixels, bs, model=qmodel)
@@ -215,13 +274,23 @@ def bench_model(
         "images": len(photos),
         "batch_size": bs,
         "rounds": rounds,
+        "lanes": lane_encoder.image_lanes,
         "rates_img_s": rates,
         "baseline_img_s": med["baseline"],
         "model_only_img_s": med["model_only"],
         "clipsearch_img_s": med["clipsearch"],
         "ours_vs_model_only": med["clipsearch"] / med["model_only"],
+        "ours_vs_model_only_lanes": med["clipsearch"] / med["model_only_lanes"],
         "ours_vs_baseline": med["clipsearch"] / med["baseline"],
+        "one_lane_vs_model_only": med["clipsearch_one_lane"] / med["model_only"],
+        "default_img_s": med["clipsearch_default"],
+        "default_vs_ort_model_only": med["clipsearch_default"] / med["ort_model_only"],
+        "default_vs_ort_model_only_lanes": med["clipsearch_default"] / med["ort_model_only_lanes"],
+        "default_vs_model_only": med["clipsearch_default"] / med["model_only"],
+        "default_vs_baseline": med["clipsearch_default"] / med["baseline"],
         "fidelity_default": fidelity(ref_vecs, vectors["clipsearch"]),
+        "fidelity_one_lane": fidelity(ref_vecs, vectors["clipsearch_one_lane"]),
+        "fidelity_ort_default": fidelity(ref_vecs, vectors["clipsearch_default"]),
         "baseline_vs_reference": fidelity(ref_vecs, vectors["baseline"]),
     }
     if qmodel is not None:
@@ -248,40 +317,72 @@ def main() -> None:
         "--camera-mp", type=float, default=12.0, help="also time camera-size JPEGs of this many megapixels (0: no)"
     )
     parser.add_argument("--camera-images", type=int, default=64, help="camera-size photos per model")
+    parser.add_argument("--lanes", type=int, default=0, help="CLIPSEARCH_ENCODE_LANES for the indexing encoders")
     args = parser.parse_args()
     quant = not args.no_int8
     torch.set_num_threads(THREADS)
     rows = []
-    for name in args.models.split(","):
-        if name == "vit":
-            settings = Settings(model="ViT-B-32", pretrained="", batch_size=args.batch_size, **NO_TAGS)
-            label, count = "ViT-B-32 (random weights)", args.images or (32 if args.quick else 192)
-        else:
-            settings = Settings(model=f"local-dir:{INSTRUMENT_MODEL}", batch_size=args.batch_size, **NO_TAGS)
-            label, count = "clipsearch-tiny-64 (trained, 64 px)", args.images or (192 if args.quick else 960)
-        rounds = 1 if args.quick else args.rounds
-        rows.append(bench_model(label, settings, pick_photos(count), quant, rounds))
-        print(rows[-1], flush=True)
-        if args.camera_mp > 0:
-            camera = 16 if args.quick else args.camera_images
-            with camera_photos(camera, args.camera_mp) as big:
-                photo_set = f"{args.camera_mp:g} MP JPEGs"
-                rows.append(bench_model(label, settings, big, False, rounds, photo_set))
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-models-"))  # random weights saved once, ONNX exports
+    try:
+        for name in args.models.split(","):
+            common = {"data_dir": work, "batch_size": args.batch_size, **NO_TAGS}
+            if name == "vit":
+                torch.manual_seed(0)
+                weights = save_weights(work / "vit-b-32-random.pt", "ViT-B-32")
+                settings = Settings(model="ViT-B-32", pretrained=str(weights), **common)
+                label, count = "ViT-B-32 (random weights)", args.images or (32 if args.quick else 192)
+            else:
+                settings = Settings(model=f"local-dir:{INSTRUMENT_MODEL}", **common)
+                label, count = "clipsearch-tiny-64 (trained, 64 px)", args.images or (192 if args.quick else 960)
+            rounds = 1 if args.quick else args.rounds
+            rows.append(bench_model(label, settings, pick_photos(count), quant, rounds, lanes=args.lanes))
             print(rows[-1], flush=True)
+            if args.camera_mp > 0:
+                camera = 16 if args.quick else args.camera_images
+                with camera_photos(camera, args.camera_mp) as big:
+                    photo_set = f"{args.camera_mp:g} MP JPEGs"
+                    rows.append(bench_model(label, settings, big, False, rounds, photo_set, lanes=args.lanes))
+                print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     lines = [
         "Median of interleaved rounds (the order of the paths rotates per round); ratios between medians.",
         "",
-        "| model | photos | images x rounds | baseline img/s | model-only img/s | clipsearch img/s | ours / model-only "
-        "| ours / baseline | mean cos | top-10 overlap |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "torch fp32 (the model the canonical loop runs): clipsearch with its lanes, and with one lane (the model on "
+        "every core, photos prepared between batches); model-only on every thread, and through the lanes.",
+        "",
+        "| model | photos | images x rounds | lanes | baseline img/s | model-only img/s | clipsearch img/s "
+        "| ours / model-only | ours / model-only in lanes | one lane / model-only | ours / baseline | mean cos "
+        "| top-10 overlap |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         f = r["fidelity_default"]
         lines.append(
-            f"| {r['model']} | {r['photos']} | {r['images']} x {r['rounds']} | {r['baseline_img_s']:.1f} | "
-            f"{r['model_only_img_s']:.1f} | {r['clipsearch_img_s']:.1f} | {r['ours_vs_model_only']:.2f} | "
-            f"{r['ours_vs_baseline']:.2f} | "
+            f"| {r['model']} | {r['photos']} | {r['images']} x {r['rounds']} | {r['lanes']} | "
+            f"{r['baseline_img_s']:.1f} | {r['model_only_img_s']:.1f} | {r['clipsearch_img_s']:.1f} | "
+            f"{r['ours_vs_model_only']:.2f} | {r['ours_vs_model_only_lanes']:.2f} | "
+            f"{r['one_lane_vs_model_only']:.2f} | {r['ours_vs_baseline']:.2f} | "
+            f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
+        )
+    lines += [
+        "",
+        "The default inference ('auto': ONNX Runtime fp32 on a CPU), clipsearch with its lanes, against ORT "
+        "model-only (the service's session, every thread on one call; and through the lanes), the torch fp32 "
+        "model-only rate and the canonical loop:",
+        "",
+        "| model | photos | clipsearch img/s | ORT model-only img/s | ours / ORT model-only "
+        "| ours / ORT model-only in lanes | ours / torch model-only | ours / baseline | mean cos | top-10 overlap |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        f = r["fidelity_ort_default"]
+        ort_rate = statistics.median(r["rates_img_s"]["ort_model_only"])  # type: ignore[index]
+        lines.append(
+            f"| {r['model']} | {r['photos']} | {r['default_img_s']:.1f} | {ort_rate:.1f} | "
+            f"{r['default_vs_ort_model_only']:.2f} | {r['default_vs_ort_model_only_lanes']:.2f} | "
+            f"{r['default_vs_model_only']:.2f} | {r['default_vs_baseline']:.2f} | "
             f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
         )
     if quant:
