@@ -169,14 +169,16 @@ def encode_all(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> np.nd
 
 
 def lanes_model_only(encoder: Encoder, pixels: torch.Tensor, batch_size: int) -> float:
-    """Model-only through the indexer's lanes: ``image_lanes`` threads encoding every other batch at once."""
-    starts = list(range(0, len(pixels), batch_size))
+    """Model-only through the indexer's lanes: ``image_lanes`` threads at once, each encoding an equal share of
+    ``pixels`` in batches of at most ``batch_size``."""
     lanes = encoder.image_lanes
+    share = -(-len(pixels) // lanes)
 
-    def lane(first: int) -> None:
+    def lane(k: int) -> None:
         encoder.enter_lane()
-        for i in starts[first::lanes]:
-            encoder.encode_pixels_in_lane(pixels[i : i + batch_size].contiguous())
+        part = pixels[k * share : (k + 1) * share]
+        for i in range(0, len(part), batch_size):
+            encoder.encode_pixels_in_lane(part[i : i + batch_size].contiguous())
 
     threads_before = torch.get_num_threads()
     start = time.perf_counter()
