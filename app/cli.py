@@ -43,7 +43,7 @@ def settings_options(func: F) -> F:
 
 def _settings(overrides: dict[str, Any]) -> Settings:
     keys = ("data_dir", "database_url", "model", "pretrained", "device", "batch_size", "decode_workers",
-            "max_image_pixels")  # fmt: skip
+            "max_image_pixels", "encode_lanes")  # fmt: skip
     picked = {k: overrides.pop(k) for k in keys if k in overrides}
     try:
         return Settings().with_overrides(**picked)
@@ -83,6 +83,13 @@ def main(verbose: int) -> None:
     "Without PATHS: only that.",
 )
 @click.option("--retry-failed", is_flag=True, help="Try again files that failed before, even if unchanged.")
+@click.option(
+    "--lanes",
+    "encode_lanes",
+    type=click.IntRange(0, 64),
+    help="CPU: batches prepared and encoded at once, each on its share of the cores (0: one per core, at most 4; "
+    "1: one batch at a time on every core, fed by the decode threads).",
+)
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any file failed.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option(

@@ -236,4 +236,6 @@ def test_the_index_command_builds_an_indexing_encoder(
     monkeypatch.setattr(Indexer, "run", recorded)
     result = CliRunner().invoke(main, ["index", str(photos[0].parent), *_args(settings), "--batch-size", "5"])
     assert result.exit_code == 0, result.output
-    assert lanes == [resolve_lanes(0, torch.device("cpu"))]
+    result = CliRunner().invoke(main, ["index", str(photos[0].parent), *_args(settings), "--lanes", "1"])
+    assert result.exit_code == 0, result.output
+    assert lanes == [resolve_lanes(0, torch.device("cpu")), 1]
