@@ -70,7 +70,8 @@ class Settings(BaseSettings):
         description="CPU indexing: how many batches are prepared and encoded at once, each by its own thread on its "
         "share of the cores (every core prepares its photos, then runs the model on them, with no core waiting on "
         "another); 0: one lane per core, at most 4; 1: one batch at a time with the model on every core and "
-        "decode_workers preparing photos for it. A GPU always uses one lane.",
+        "decode_workers preparing photos for it. At most one lane per thread (CLIPSEARCH_TORCH_THREADS, else the "
+        "cores); a GPU always uses one lane.",
     )
     decode_overlap: Literal["auto", "always", "between-batches"] = Field(
         default="auto",

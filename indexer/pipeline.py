@@ -13,6 +13,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import faiss
 import numpy as np
@@ -250,13 +251,30 @@ def embedded_results(batch: list[Prepared], vectors: np.ndarray) -> list[ImageRe
 
 
 BatchCallback = Callable[[int], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class _LaneEnd:
-    """A decoding thread of the two-lane stream has finished (with the exception that stopped it, if any)."""
+    """A thread of the two-lane stream or an encode lane has finished (with the exception that stopped it, if any)."""
 
     error: BaseException | None = None
+
+
+def _results_of(threads: list[threading.Thread], out: queue.Queue[T | _LaneEnd]) -> Iterator[T]:
+    """Start ``threads`` and yield what they put on ``out`` until each has put its _LaneEnd; the first error one
+    reports is raised here (the caller's ``finally`` stops and joins the others)."""
+    for thread in threads:
+        thread.start()
+    ended = 0
+    while ended < len(threads):
+        got = out.get()
+        if isinstance(got, _LaneEnd):
+            ended += 1
+            if got.error is not None:
+                raise got.error
+            continue
+        yield got
 
 
 class Indexer:
@@ -579,18 +597,8 @@ class Indexer:
 
         threads = [threading.Thread(target=worker, name=f"decode-{i}", daemon=True) for i in range(workers)]
         threads.append(threading.Thread(target=device, name="decode-device", daemon=True))
-        for thread in threads:
-            thread.start()
         try:
-            ended = 0
-            while ended < len(threads):
-                got = out.get()
-                if isinstance(got, _LaneEnd):
-                    ended += 1
-                    if got.error is not None:
-                        raise got.error
-                    continue
-                yield got
+            yield from _results_of(threads, out)
         finally:
             stop.set()
             with changed:
@@ -660,18 +668,8 @@ class Indexer:
 
         threads = [threading.Thread(target=lane, name=f"lane-{i}", daemon=True) for i in range(self.encode_lanes)]
         threads_before = torch.get_num_threads()
-        for thread in threads:
-            thread.start()
         try:
-            ended = 0
-            while ended < len(threads):
-                got = out.get()
-                if isinstance(got, _LaneEnd):
-                    ended += 1
-                    if got.error is not None:
-                        raise got.error
-                    continue
-                yield got
+            yield from _results_of(threads, out)
         finally:
             stop.set()
             for thread in threads:
