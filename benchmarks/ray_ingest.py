@@ -2,7 +2,7 @@
 
     python -m benchmarks.ray_ingest [--images N] [--partition-size P] [--workers 1,2]
 
-- local: Indexer.run on a fresh data dir (decode thread pool + batched encode in this process);
+- local: Indexer.run on a fresh data dir, with the encoder `clipsearch index` builds (its encode lanes on a CPU);
 - ray xN: RayIndexer.run on a fresh data dir with N embedding actors, on a local Ray started once with every core
   (started and warmed up beforehand: a cluster is already running when a job is submitted). Each timed job still
   pays for its own actors (process start, model load), as every real job does.
@@ -83,6 +83,7 @@ def main() -> None:
         safe_search_vocabulary="none",
     )
     encoder = Encoder.from_settings(settings)
+    local_encoder = Encoder.from_settings(settings, indexing=True)  # as `clipsearch index` builds it: its lanes
     photos = pick_photos(args.images)
     folder = Path(tempfile.mkdtemp(prefix="bench-ray-photos-"))
     for i, photo in enumerate(photos):
@@ -97,10 +98,10 @@ def main() -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     try:
         timed_run(settings, encoder, warmup, 1, args.partition_size)  # worker processes start, import torch
-        small_local_s, _ = timed_run(settings, encoder, warmup, None, args.partition_size)
+        small_local_s, _ = timed_run(settings, local_encoder, warmup, None, args.partition_size)
         small_s, _ = timed_run(settings, encoder, warmup, 1, args.partition_size)  # ~ a job's fixed cost
         small = len(list(warmup.iterdir()))
-        local_s, local_vectors = timed_run(settings, encoder, folder, None, args.partition_size)
+        local_s, local_vectors = timed_run(settings, local_encoder, folder, None, args.partition_size)
         local_marginal = (len(photos) - small) / max(local_s - small_local_s, 1e-9)
         rows: list[dict[str, Any]] = [
             {
