@@ -196,12 +196,16 @@ def read_local(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def embed_batch(encoder: Encoder, batch: list[Prepared]) -> np.ndarray:
-    """The model's vectors for prepared files with pixels, one row each, in order."""
+def embed_batch(
+    encoder: Encoder, batch: list[Prepared], encode: Callable[[torch.Tensor], np.ndarray] | None = None
+) -> np.ndarray:
+    """The model's vectors for prepared files with pixels, one row each, in order; ``encode``: the encoder call
+    to use (default ``encoder.encode_pixels``; the encode lanes pass ``encode_pixels_in_lane``)."""
     if not batch:
         return np.zeros((0, encoder.dim), dtype=np.float32)
     pixels = [item.pixels for item in batch]
-    return encoder.encode_pixels(stack_pixels(pixels, getattr(encoder, "device", None)))  # type: ignore[arg-type]
+    stacked = stack_pixels(pixels, getattr(encoder, "device", None))  # type: ignore[arg-type]
+    return (encode or encoder.encode_pixels)(stacked)
 
 
 def stack_pixels(pixels: list[torch.Tensor], device: torch.device | None) -> torch.Tensor:
@@ -427,7 +431,7 @@ class Indexer:
     # --- the decode pool and batched encode -----------------------------------------------------
 
     def _prepare(self, info: FileInfo, known_shas: set[str], hash_only: bool = False) -> Prepared:
-        self._model_idle.wait()  # see decode_between_batches
+        self._model_idle.wait()  # see decode_between_batches (the encode lanes never pause it)
         return prepare_file(info, read_local, self.prepare_options, known_shas, hash_only)
 
     @property
@@ -631,7 +635,6 @@ class Indexer:
         model's threads meet at the end of each operation, so preparation had to wait for the model between
         batches (decode_between_batches), which left ViT-B-32 at 0.92-0.95x its model-only rate on 2 cores."""
         todo = plan.todo
-        options = self.prepare_options
         taken = [0]
         take = threading.Lock()
         stop = threading.Event()
@@ -652,15 +655,10 @@ class Indexer:
                     for info in chunk:
                         if stop.is_set():
                             return
-                        hash_only = info.path in plan.hash_only
-                        prepared.append(prepare_file(info, read_local, options, plan.known_shas, hash_only))
+                        prepared.append(self._prepare(info, plan.known_shas, info.path in plan.hash_only))
                     batch = [item for item in prepared if item.pixels is not None]
                     others = [item for item in prepared if item.pixels is None]
-                    if pixels := [item.pixels for item in batch if item.pixels is not None]:
-                        vectors = self.encoder.encode_pixels_in_lane(torch.stack(pixels))
-                    else:
-                        vectors = np.zeros((0, self.encoder.dim), dtype=np.float32)
-                    out.put((batch, vectors, others))
+                    out.put((batch, embed_batch(self.encoder, batch, self.encoder.encode_pixels_in_lane), others))
             except BaseException as exc:  # handed to the consumer, which raises it
                 error = exc
             finally:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from app.store import Store
+    from indexer import IndexSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CLIPSEARCH_SHARED_DIR", ROOT.parent / "shared")).resolve()
@@ -162,3 +168,21 @@ def resaved_crop(source: Path, target: Path, megapixels: float, seed: int, *, mi
         im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
         im.save(target, quality=90, subsampling="4:2:0")
         return im.size
+
+
+def interrupted_then_resumed(run: Callable[..., IndexSummary], folder: Path, store: Store, total: int) -> None:
+    """Index ``folder`` with ``run`` (an Indexer's run, or one built afresh each call) interrupted as Ctrl-C would
+    after its first committed batch, then again: the first run leaves whole batches, the second embeds only the
+    files the first did not commit."""
+    import pytest  # here: benchmarks import this module too, without the test extras
+
+    def interrupt_after_one_batch(batches: int) -> None:
+        if batches == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run([folder], on_batch_committed=interrupt_after_one_batch)
+    committed = store.counts()["indexed"]
+    assert 0 < committed < total
+    resumed = run([folder])
+    assert resumed.embedded == total - committed and store.counts()["indexed"] == total

@@ -22,7 +22,7 @@ from indexer import Indexer
 from indexer.device_jpeg import DeviceJpegLane, LaneItem, grey_levels, lanczos
 from indexer.pipeline import stack_pixels
 from indexer.walk import FileInfo
-from tests.helpers import embedding_fidelity
+from tests.helpers import embedding_fidelity, interrupted_then_resumed
 from tests.test_indexer import _write_bad_files
 
 
@@ -236,19 +236,7 @@ def test_resumed_and_hash_backfilled_runs_work_through_the_lane(
     from sqlalchemy import text
 
     ours = settings.model_copy(update={"jpeg_decoder": "torchvision"})
-
-    def crash_after_one_batch(batches: int) -> None:
-        if batches == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Indexer(ours, store, tiny_encoder, progress=False).run(
-            [photos[0].parent], on_batch_committed=crash_after_one_batch
-        )
-    committed = store.counts()["indexed"]
-    assert 0 < committed < 24
-    resumed = Indexer(ours, store, tiny_encoder, progress=False).run([photos[0].parent])
-    assert resumed.embedded == 24 - committed and store.counts()["indexed"] == 24
+    interrupted_then_resumed(Indexer(ours, store, tiny_encoder, progress=False).run, photos[0].parent, store, 24)
     hashes = dict(store.iter_hashes())
     with store.engine.begin() as conn:  # a catalog indexed before hashes existed
         conn.execute(text("UPDATE images SET phash = NULL, dhash = NULL, phash_mirror = NULL, dhash_mirror = NULL"))

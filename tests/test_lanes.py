@@ -16,6 +16,7 @@ from app.config import Settings
 from app.encoder import MAX_AUTO_LANES, Encoder, resolve_lanes
 from app.store import ImageStatus, Store
 from indexer import Indexer
+from tests.helpers import interrupted_then_resumed
 from tests.test_device_jpeg import _real_photos
 from tests.test_indexer import _write_bad_files
 
@@ -144,18 +145,7 @@ def test_an_error_in_a_lane_stops_the_run_and_loses_nothing_committed(
 def test_an_interrupted_lanes_run_resumes_where_it_stopped(
     settings: Settings, store: Store, lane_encoder: Encoder, photos: list[Path]
 ) -> None:
-    def interrupt_after_one_batch(batches: int) -> None:
-        if batches == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Indexer(settings, store, lane_encoder, progress=False).run(
-            [photos[0].parent], on_batch_committed=interrupt_after_one_batch
-        )
-    committed = store.counts()["indexed"]
-    assert 0 < committed < 24
-    resumed = Indexer(settings, store, lane_encoder, progress=False).run([photos[0].parent])
-    assert resumed.embedded == 24 - committed and store.counts()["indexed"] == 24
+    interrupted_then_resumed(Indexer(settings, store, lane_encoder, progress=False).run, photos[0].parent, store, 24)
 
 
 def test_torch_threads_are_restored_after_the_lanes(
