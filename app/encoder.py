@@ -204,6 +204,14 @@ class Encoder:
             features = self.model.encode_image(batch)
         return _normalise(features)
 
+    def image_tower_file(self) -> tuple[Path, str] | None:
+        """The ONNX file the image tower runs on and its mode (onnx | onnx-int8), or None when it runs on torch."""
+        if self._onnx is None or self._onnx.image is None:
+            return None
+        from app.onnx_backend import tower_path
+
+        return tower_path(self._onnx.folder, "image", self._onnx.mode), self._onnx.mode
+
     def enter_lane(self) -> None:
         """Called once by each of the indexer's lane threads: its share of torch's intra-op threads (torch counts
         them per thread; the caller restores the process-wide count when the lanes are done)."""

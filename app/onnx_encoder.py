@@ -159,9 +159,10 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def new_session(path: Path, threads: int = 0) -> Any:
-    """An ORT CPU session on ``path``: graph optimisation level ALL, ``threads`` intra-op threads (0: the
-    default), and no spin-waiting between calls (spinning threads would take the cores from FAISS and torch)."""
+def new_session(path: Path | bytes, threads: int = 0) -> Any:
+    """An ORT CPU session on ``path`` (or a model's bytes): graph optimisation level ALL, ``threads`` intra-op
+    threads (0: the default), and no spin-waiting between calls (spinning threads would take the cores from FAISS
+    and torch)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -169,7 +170,8 @@ def new_session(path: Path, threads: int = 0) -> Any:
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 @dataclass

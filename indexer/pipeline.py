@@ -13,7 +13,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import faiss
 import numpy as np
@@ -196,8 +196,16 @@ def read_local(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+class PixelEncoder(Protocol):
+    """What embedding prepared files needs of an encoder (app.encoder.Encoder; the Ray actors' shipped tower)."""
+
+    dim: int
+
+    def encode_pixels(self, batch: torch.Tensor) -> np.ndarray: ...
+
+
 def embed_batch(
-    encoder: Encoder, batch: list[Prepared], encode: Callable[[torch.Tensor], np.ndarray] | None = None
+    encoder: PixelEncoder, batch: list[Prepared], encode: Callable[[torch.Tensor], np.ndarray] | None = None
 ) -> np.ndarray:
     """The model's vectors for prepared files with pixels, one row each, in order; ``encode``: the encoder call
     to use (default ``encoder.encode_pixels``; the encode lanes pass ``encode_pixels_in_lane``)."""

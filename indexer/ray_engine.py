@@ -4,7 +4,9 @@ over a Ray cluster (a local one started with ``ray.init()``, or an existing one 
     list (local folders, fsspec URLs) -> diff against the store (nothing read yet)
     -> partitions of the files to do, each keyed by a hash of its files (path, size, mtime) and the model
     -> CPU tasks: read, content hash, decode, perceptual hashes, preprocess (pipeline.prepare_file)
-    -> an actor pool: the model, loaded once per actor, embeds each partition (pipeline.embed_batch)
+    -> an actor pool: the model, loaded once per actor, embeds each partition (pipeline.embed_batch); on a
+       CPU-only cluster, when the driver's encoder runs its image tower in ONNX Runtime (the default 'auto' on a
+       CPU), the actors run that very file, shipped through the object store, and never build the model
     -> the driver writes one shard per partition (tmp + rename), then commits it to the store
        (Indexer.commit) and deletes it -> Indexer.finish (removed files, tags, the vector index).
 
@@ -65,13 +67,16 @@ class RayIndexSummary(IndexSummary):
     partitions_from_shards: int = 0
     partitions_computed: int = 0
     embed_workers: int = 0
+    #: what the embedding actors ran, as they reported it: 'onnx'/'onnx-int8' (the driver's export) or torch's mode
+    embed_backend: str = ""
 
     def lines(self, max_failures: int = 5) -> list[str]:
         lines = super().lines(max_failures)
         lines.insert(
             2,
             f"ray: {self.partitions} partitions ({self.partitions_computed} computed, "
-            f"{self.partitions_from_shards} from saved shards) on {self.embed_workers} embedding worker(s)",
+            f"{self.partitions_from_shards} from saved shards) on {self.embed_workers} embedding worker(s)"
+            + (f" ({self.embed_backend})" if self.embed_backend else ""),
         )
         return lines
 
@@ -119,16 +124,56 @@ def prepare_partitions(
     return {"partition": np.array(out_ids), "payload": np.array(out_payloads, dtype=object)}
 
 
+@dataclass(frozen=True)
+class ShippedImageTower:
+    """The driver's ONNX export of the image tower, for CPU actors: ``model`` is a Ray object ref to the file's
+    bytes (or the bytes themselves)."""
+
+    model: Any
+    mode: str
+    dim: int
+    store_key: str
+
+
+class TowerEncoder:
+    """An actor's encoder on a shipped ONNX image tower: ``encode_pixels`` is all that embedding needs."""
+
+    device = None
+
+    def __init__(self, tower: ShippedImageTower, threads: int = 0) -> None:
+        import ray
+
+        from app.onnx_encoder import OnnxTowers, new_session
+
+        data = ray.get(tower.model) if isinstance(tower.model, ray.ObjectRef) else tower.model
+        self.towers = OnnxTowers(mode=tower.mode, folder=Path(), text=None, image=new_session(bytes(data), threads))
+        self.dim = tower.dim
+
+    def encode_pixels(self, batch: torch.Tensor) -> np.ndarray:
+        from app.onnx_encoder import normalise
+
+        return normalise(self.towers.encode_image(batch.numpy()))
+
+
 class EmbedPartitions:
     """Actor: loads the model once, then embeds the prepared files of each partition it is given and returns
-    the partition's shard (as bytes: the driver writes it, so workers need no shared filesystem)."""
+    the partition's shard (as bytes: the driver writes it, so workers need no shared filesystem).
 
-    def __init__(self, settings: Settings) -> None:
+    With ``image_tower`` (the driver's ONNX export) the actor runs that file in ONNX Runtime and builds no model:
+    the same vectors as the driver's encoder, and seconds less to start. Without it, the actor loads the model
+    through torch; 'auto' then means torch fp32, as each actor would otherwise export the towers itself."""
+
+    def __init__(self, settings: Settings, image_tower: ShippedImageTower | None = None) -> None:
         self.settings = settings
-        # 'auto' would have every actor export the towers to ONNX into its own data dir: actors run torch.
-        self.encoder = Encoder.from_settings(
-            settings.with_overrides(inference="fp32") if settings.inference == "auto" else settings
-        )
+        self.encoder: Encoder | TowerEncoder
+        if image_tower is not None:
+            self.encoder = TowerEncoder(image_tower, settings.torch_threads)
+            self.model_key, self.backend = image_tower.store_key, f"{image_tower.mode}, the driver's export"
+        else:
+            self.encoder = Encoder.from_settings(
+                settings.with_overrides(inference="fp32") if settings.inference == "auto" else settings
+            )
+            self.model_key, self.backend = self.encoder.spec.store_key, f"torch {self.encoder.inference}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_ids, out_shards = [], []
@@ -140,8 +185,9 @@ class EmbedPartitions:
             for start in range(0, len(with_pixels), size):
                 vectors[start : start + size] = embed_batch(self.encoder, with_pixels[start : start + size])
             out_ids.append(partition_id)
-            out_shards.append(shard_bytes(str(partition_id), self.encoder.spec.store_key, items, vectors))
-        return {"partition": np.array(out_ids), "shard": np.array(out_shards, dtype=object)}
+            out_shards.append(shard_bytes(str(partition_id), self.model_key, items, vectors))
+        backends = np.array([self.backend] * len(out_ids))
+        return {"partition": np.array(out_ids), "shard": np.array(out_shards, dtype=object), "backend": backends}
 
 
 def _pack_prepared(items: list[Prepared]) -> bytes:
@@ -368,7 +414,8 @@ class RayIndexer:
                     on_partition_committed(committed)
             if missing:
                 by_id = {p.id: p for p in missing}
-                for partition_id, data in self._computed_shards(missing, plan, summary):
+                for partition_id, data, backend in self._computed_shards(missing, plan, summary):
+                    summary.embed_backend = backend
                     partition = by_id[partition_id]
                     write_atomically(self._shard_path(partition_id), data)
                     self._commit_shard(partition, plan, summary, touched)
@@ -404,8 +451,9 @@ class RayIndexer:
 
     def _computed_shards(
         self, partitions: list[Partition], plan: Plan, summary: RayIndexSummary
-    ) -> Iterator[tuple[str, bytes]]:
-        """Run the Ray Data job over ``partitions``; yield (partition id, shard bytes) as each finishes."""
+    ) -> Iterator[tuple[str, bytes, str]]:
+        """Run the Ray Data job over ``partitions``; yield (partition id, shard bytes, what embedded it) as each
+        finishes."""
         ray = self._ray()
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = self.progress
@@ -432,7 +480,7 @@ class RayIndexer:
             self.embedder,
             batch_size=1,
             batch_format="numpy",
-            fn_constructor_kwargs={"settings": self.settings},
+            fn_constructor_kwargs={"settings": self.settings, "image_tower": self._shipped_image_tower(ray, gpus)},
             # Ray Data restarts a dead actor and retries its partition (max_restarts=-1 by default).
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=1 if gpus else 0,
@@ -441,12 +489,26 @@ class RayIndexer:
         log.info("ray: %d partitions, %d embedding worker(s), %d GPU(s)", len(partitions), workers, gpus)
         try:
             for row in dataset.iter_rows():
-                yield str(row["partition"]), bytes(row["shard"])
+                yield str(row["partition"]), bytes(row["shard"]), str(row["backend"])
         except ray.exceptions.RayError as exc:
             raise ClipSearchError(
                 f"the Ray job failed: {exc}\nFinished partitions are saved: fix the cause and run the same "
                 "command again to finish."
             ) from exc
+
+    def _shipped_image_tower(self, ray: Any, gpus: int) -> ShippedImageTower | None:
+        """The driver's ONNX image tower in the object store, for CPU actors (None: GPUs, or a torch encoder)."""
+        encoder = self.indexer.encoder
+        found = encoder.image_tower_file()
+        if gpus or found is None:
+            return None
+        path, mode = found
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read %s to ship it to the Ray workers (%s): they load the model instead", path, exc)
+            return None
+        return ShippedImageTower(ray.put(data), mode, encoder.dim, encoder.spec.store_key)
 
     def _ray(self) -> Any:
         """The ray module, connected: to the cluster at ``address``, to a Ray this process already runs, or to

@@ -102,6 +102,7 @@ def test_ray_job_gives_the_local_vectors_results_and_failures_and_a_rerun_does_n
     summary = _ray_indexer(fresh, instrument_encoder).run([catalog_dir])
     assert (summary.added, summary.embedded, summary.failed) == (PHOTOS, PHOTOS, 1)
     assert summary.partitions == summary.partitions_computed == 4  # 25 files in partitions of 8
+    assert summary.embed_backend == "torch fp32"  # the driver runs torch: the actors load the model themselves
     assert summary.index_count == PHOTOS
     broken = str(catalog_dir / "broken.jpg")
     assert summary.failures == [(broken, "not a recognised image format (is it really an image?)")]
@@ -233,7 +234,7 @@ def test_a_failing_job_stops_with_a_message_that_says_what_to_do(
     ray_session: None, fresh: Catalog, catalog_dir: Path, instrument_encoder: Encoder
 ) -> None:
     class BrokenEmbedder(EmbedPartitions):
-        def __init__(self, settings: Settings) -> None:
+        def __init__(self, settings: Settings, image_tower: object = None) -> None:
             self.settings = settings  # no model: it fails before it would be used
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -243,6 +244,59 @@ def test_a_failing_job_stops_with_a_message_that_says_what_to_do(
         _ray_indexer(fresh, instrument_encoder, embedder=BrokenEmbedder).run([catalog_dir])
     assert "run the same command again" in str(failure.value)
     assert fresh.store.counts().get(ImageStatus.INDEXED.value, 0) == 0
+
+
+@pytest.fixture(scope="module")
+def onnx_driver_encoder(tmp_path_factory: pytest.TempPathFactory, instrument_model_dir: Path) -> Encoder:
+    """The driver's encoder with its towers in ONNX Runtime (what 'auto' gives on a CPU)."""
+    data_dir = tmp_path_factory.mktemp("onnx-driver")
+    settings = Settings(data_dir=data_dir, model=f"local-dir:{instrument_model_dir}", device="cpu", inference="onnx")
+    return Encoder.from_settings(settings)
+
+
+def test_cpu_actors_run_the_drivers_onnx_image_tower_and_give_the_local_vectors(
+    ray_session: None, fresh: Catalog, local_catalog: Catalog, catalog_dir: Path, onnx_driver_encoder: Encoder,
+    instrument_encoder: Encoder,
+) -> None:  # fmt: skip
+    assert onnx_driver_encoder.image_tower_file() is not None
+    summary = _ray_indexer(fresh, onnx_driver_encoder).run([catalog_dir])
+    assert (summary.embedded, summary.failed, summary.partitions_computed) == (PHOTOS, 1, 4)
+    # what the actors reported running: the driver's own export, not a model of their own
+    assert summary.embed_backend == "onnx, the driver's export"
+    assert "embedding worker(s) (onnx, the driver's export)" in "\n".join(summary.lines())
+    model = instrument_encoder.spec.name
+    _assert_same_vectors(fresh.vectors(model), local_catalog.vectors(model))
+    assert fresh.rows() == local_catalog.rows()
+
+
+def test_nothing_is_shipped_when_the_driver_runs_torch_or_the_actors_have_gpus(
+    ray_session: None, fresh: Catalog, onnx_driver_encoder: Encoder, instrument_encoder: Encoder
+) -> None:
+    assert instrument_encoder.image_tower_file() is None
+    assert _ray_indexer(fresh, instrument_encoder)._shipped_image_tower(ray, gpus=0) is None
+    assert _ray_indexer(fresh, onnx_driver_encoder)._shipped_image_tower(ray, gpus=1) is None
+    shipped = _ray_indexer(fresh, onnx_driver_encoder)._shipped_image_tower(ray, gpus=0)
+    assert shipped is not None and shipped.mode == "onnx" and shipped.dim == onnx_driver_encoder.dim
+    found = onnx_driver_encoder.image_tower_file()
+    assert found is not None and ray.get(shipped.model) == found[0].read_bytes()
+
+
+def test_the_shipped_tower_gives_the_drivers_vectors(onnx_driver_encoder: Encoder, instrument_encoder: Encoder) -> None:
+    import torch
+
+    from indexer.ray_engine import ShippedImageTower, TowerEncoder
+
+    found = onnx_driver_encoder.image_tower_file()
+    assert found is not None
+    path, mode = found
+    shipped = ShippedImageTower(path.read_bytes(), mode, onnx_driver_encoder.dim, onnx_driver_encoder.spec.store_key)
+    tower = TowerEncoder(shipped, threads=1)
+    size = instrument_encoder.image_size
+    pixels = torch.rand(5, 3, size, size)
+    got, want = tower.encode_pixels(pixels), instrument_encoder.encode_pixels(pixels)  # ORT vs torch fp32
+    assert got.shape == (5, instrument_encoder.dim) == want.shape
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert float(np.abs(got - want).max()) < 1e-5
 
 
 def _plan(files: list[FileInfo]) -> Plan:
