@@ -21,7 +21,7 @@ from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
 from app.onnx_encoder import AUTO, default_threads, encode_in_batches, normalise, resolve_inference
 from app.preprocess import fast_transform
-from app.quantize import FP32, INT8, ONNX_INT8, check_inference, quantize, set_cpu_threads
+from app.quantize import BF16, FP32, ONNX_INT8, TORCH_MODES, check_inference, quantize, set_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +92,18 @@ class Encoder:
         except Exception as exc:
             raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
         model.eval()
-        # int8 keeps the weights' embedding space (same model, same manifest), approximated to ~1e-3.
+        # int8 and bf16 keep the weights' embedding space (same model, same manifest), approximated (~1e-3, ~1e-4).
         self.inference = check_inference(resolve_inference(inference, spec, on_cpu=device.type == "cpu"), device)
         model = quantize(model, self.inference)
+        #: the dtype the torch image tower takes its pixels in (bf16: the tower's weights are bfloat16)
+        self.pixel_dtype = torch.bfloat16 if self.inference == BF16 else torch.float32
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
         background_mode = None
-        if self.inference not in (FP32, INT8) and export_in_background and inference == AUTO:
+        if self.inference not in TORCH_MODES and export_in_background and inference == AUTO:
             background_mode, self.inference = self.inference, FP32  # torch until the export is done
-        elif self.inference not in (FP32, INT8):
+        elif self.inference not in TORCH_MODES:
             self._onnx = _load_onnx(
                 model,
                 spec,
@@ -200,7 +202,7 @@ class Encoder:
         with self._lock, torch.inference_mode(), self._autocast():
             batch = batch.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
-                batch = batch.contiguous(memory_format=torch.channels_last)
+                batch = batch.to(self.pixel_dtype, memory_format=torch.channels_last)
             features = self.model.encode_image(batch)
         return _normalise(features)
 
@@ -223,7 +225,7 @@ class Encoder:
         if self._onnx is not None and self._onnx.image is not None:
             return _normalise(self._onnx.encode_image(batch.numpy()))
         with torch.inference_mode():
-            return _normalise(self.model.encode_image(batch.contiguous(memory_format=torch.channels_last)))
+            return _normalise(self.model.encode_image(batch.to(self.pixel_dtype, memory_format=torch.channels_last)))
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return encode_in_batches(self, images, batch_size, torch.stack)

@@ -30,7 +30,11 @@ INT8 = "int8"
 #: ONNX Runtime's fp32 and int8 paths (app.onnx_backend): the same model, exported once and cached.
 ONNX = "onnx"
 ONNX_INT8 = "onnx-int8"
-INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8)
+#: the image tower on bfloat16 weights (torch, CPU), the text tower on fp32: for CPUs that multiply bf16 natively
+BF16 = "bf16"
+INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8, BF16)
+#: the modes that run on the torch model itself (no ONNX export)
+TORCH_MODES = (FP32, INT8, BF16)
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
@@ -132,8 +136,15 @@ def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
 
 def quantize(model: ModelT, mode: str) -> ModelT:
     """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only;
-    the ONNX modes leave the torch model unchanged: ONNX Runtime runs an export of it)."""
+    'bf16': the image tower's weights cast to bfloat16, in place, the text tower left on fp32; the ONNX modes
+    leave the torch model unchanged: ONNX Runtime runs an export of it)."""
     if mode in (FP32, ONNX, ONNX_INT8):
+        return model
+    if mode == BF16:
+        visual = getattr(model, "visual", None)
+        if not isinstance(visual, nn.Module):
+            raise ModelLoadError("CLIPSEARCH_INFERENCE=bf16 needs a model with an image tower (.visual)")
+        visual.to(torch.bfloat16)
         return model
     if mode != INT8:
         raise ValueError(f"unknown inference mode {mode!r}: use one of {', '.join(INFERENCE_MODES)}")
@@ -160,7 +171,19 @@ def check_inference(mode: str, device: torch.device) -> str:
             f"CLIPSEARCH_INFERENCE={mode} runs on the CPU only: set CLIPSEARCH_DEVICE=cpu, "
             "or CLIPSEARCH_INFERENCE=fp32 on a GPU (which already uses fp16/bf16 autocast)"
         )
+    if mode == BF16 and not native_bf16():
+        log.warning(
+            "CLIPSEARCH_INFERENCE=bf16: this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX), so the "
+            "image tower runs emulated, slower than fp32: use 'auto' (ONNX Runtime fp32) or 'int8' here"
+        )
     return mode
+
+
+def native_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX): there a bf16 image tower runs
+    about twice as fast as fp32 (docs/PERFORMANCE.md); elsewhere oneDNN emulates bf16, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.14: absent means no
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
 def set_cpu_threads(threads: int) -> None:

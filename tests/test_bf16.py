@@ -1,0 +1,125 @@
+"""CLIPSEARCH_INFERENCE=bf16: the image tower on bfloat16 weights, the text tower on fp32, close enough to the fp32
+reference to meet the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app import quantize
+from app.config import Settings
+from app.encoder import Encoder, ModelSpec
+from app.errors import ModelLoadError
+from app.store import ImageStatus, Store
+from indexer import Indexer
+from tests.helpers import embedding_fidelity
+from tests.test_device_jpeg import _real_photos
+from tests.test_quantize import QUERIES, _photos
+
+
+def _tower_dtypes(encoder: Encoder) -> tuple[set[torch.dtype], set[torch.dtype]]:
+    visual = {p.dtype for p in encoder.model.visual.parameters()}
+    text = {p.dtype for n, p in encoder.model.named_parameters() if not n.startswith("visual.")}
+    return visual, text
+
+
+@pytest.mark.slow
+def test_bf16_meets_the_default_bar_on_the_trained_model(
+    instrument_encoder: Encoder, instrument_model_dir: Path, shared_data: Path
+) -> None:
+    """200 real photos: image vectors within the fp32 path's bar, the same neighbours for text queries, and the
+    text tower untouched (fp32, the same vectors)."""
+    from app.imaging import decode_image, model_draft_size
+
+    settings = Settings(model=f"local-dir:{instrument_model_dir}", device="cpu", inference="bf16")
+    bf16 = Encoder.from_settings(settings)
+    assert bf16.inference == "bf16"
+    assert _tower_dtypes(bf16) == ({torch.bfloat16}, {torch.float32})
+    assert ModelSpec.from_settings(settings) == instrument_encoder.spec  # the same embedding space, same manifest
+    draft = model_draft_size(instrument_encoder.image_size)
+    images = [decode_image(d, max_pixels=10**9, draft_size=draft).image for d in _photos(shared_data)]
+    reference = instrument_encoder.encode_images(images, batch_size=64)
+    ours = bf16.encode_images(images, batch_size=64)
+    assert ours.dtype == np.float32
+    cosine, overlap = embedding_fidelity(reference, ours)
+    assert cosine >= 0.999 and overlap >= 0.98, (cosine, overlap)
+    texts = instrument_encoder.encode_texts(QUERIES)
+    np.testing.assert_allclose(bf16.encode_texts(QUERIES), texts, atol=1e-6)
+    # what a user sees: each query's top 10 photos are (nearly) the fp32 path's
+    top = [set(np.argsort(-(reference @ q))[:10]) for q in texts]
+    ours_top = [set(np.argsort(-(ours @ q))[:10]) for q in texts]
+    assert np.mean([len(a & b) / 10 for a, b in zip(top, ours_top, strict=True)]) >= 0.95
+
+
+def test_bf16_lanes_index_what_the_fp32_path_indexes(
+    settings: Settings, tiny_encoder: Encoder, tmp_path: Path, shared_data: Path
+) -> None:
+    """An indexing run in bf16 on two lanes: the same files indexed and failed, vectors within 1e-3 of fp32's."""
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    for path in _real_photos(shared_data, 24):
+        shutil.copy2(path, folder / f"{path.parent.name}-{path.name}")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    bf16_settings = settings.model_copy(update={"inference": "bf16", "encode_lanes": 2})
+    bf16 = Encoder.from_settings(bf16_settings, indexing=True)
+    assert bf16.inference == "bf16" and bf16.image_lanes == 2
+    catalogs = []
+    for name, ours, encoder in (("fp32", settings, tiny_encoder), ("bf16", bf16_settings, bf16)):
+        ours = ours.model_copy(update={"data_dir": tmp_path / name})
+        store = Store(ours.effective_database_url)
+        summary = Indexer(ours, store, encoder, progress=False).run([folder])
+        catalogs.append((summary, store))
+    (ref_summary, ref_store), (summary, store) = catalogs
+    assert (summary.embedded, summary.failed) == (ref_summary.embedded, ref_summary.failed) == (24, 1)
+    ref_states, states = ref_store.file_states(), store.file_states()
+    indexed = sorted(p for p, s in states.items() if s.status == ImageStatus.INDEXED)
+    assert indexed == sorted(p for p, s in ref_states.items() if s.status == ImageStatus.INDEXED)
+    ours_v = np.stack([store.vector(states[p].id) for p in indexed])
+    ref_v = np.stack([ref_store.vector(ref_states[p].id) for p in indexed])
+    cosines = np.sum(ours_v * ref_v, axis=1)
+    assert cosines.min() >= 0.999 and cosines.max() < 1.0 - 1e-7, cosines  # close, and really bf16 (not fp32)
+    for s in (ref_store, store):
+        s.close()
+
+
+def test_bf16_is_cpu_only_and_warns_where_the_cpu_emulates_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ModelLoadError, match="CLIPSEARCH_DEVICE=cpu"):
+        quantize.check_inference("bf16", torch.device("cuda"))
+    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="app.quantize"):
+        assert quantize.check_inference("bf16", torch.device("cpu")) == "bf16"
+    assert not caplog.records
+    monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="app.quantize"):
+        assert quantize.check_inference("bf16", torch.device("cpu")) == "bf16"
+    assert "no native bfloat16" in caplog.text and "use 'auto'" in caplog.text
+
+
+def test_native_bf16_reads_the_cpus_bfloat16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert quantize.native_bf16() is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert quantize.native_bf16() is False  # a torch without the probes: assume emulation
+
+
+def test_bf16_needs_an_image_tower() -> None:
+    with pytest.raises(ModelLoadError, match="image tower"):
+        quantize.quantize(torch.nn.Linear(2, 2), "bf16")
+
+
+def test_an_index_built_in_fp32_is_served_by_a_bf16_service_that_says_so(
+    tmp_path: Path, tiny_model_dir: Path, tiny_encoder: Encoder
+) -> None:
+    from tests.api.conftest import assert_served_in_mode
+
+    assert_served_in_mode(tmp_path, tiny_model_dir, tiny_encoder, "bf16")
