@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import tempfile
@@ -21,7 +22,16 @@ from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
 from app.onnx_encoder import AUTO, default_threads, encode_in_batches, normalise, resolve_inference
 from app.preprocess import fast_transform
-from app.quantize import BF16, FP32, ONNX_INT8, TORCH_MODES, check_inference, quantize, set_cpu_threads
+from app.quantize import (
+    BF16,
+    FP32,
+    ONNX_INT8,
+    TORCH_MODES,
+    check_inference,
+    native_bf16,
+    quantize,
+    set_cpu_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +70,16 @@ class Encoder:
         onnx_cache_dir: Path | None = None,
         export_in_background: bool = False,
         lanes: int = 1,
+        indexing: bool = False,
     ) -> None:
         """``export_in_background`` (the service's start under 'auto'): when the ONNX export is not cached yet,
         start on torch fp32 at once and switch to ONNX Runtime once a thread has exported the towers
         (``onnx_ready`` is set then); otherwise the export, when needed, happens here, before the encoder is usable.
         ``lanes`` (CPU only): the indexer's lanes, threads that each encode their own batches at once
-        (``encode_pixels_in_lane``); the image tower's threads are shared out between them."""
+        (``encode_pixels_in_lane``); the image tower's threads are shared out between them.
+        ``indexing``: the encoder of an indexing run. Under 'auto' on a CPU that multiplies bfloat16 natively
+        (AVX512_BF16, AMX) its image tower runs on torch bf16 weights, about twice ORT fp32's rate there and within
+        the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98); its text tower stays on ONNX Runtime."""
         import open_clip
 
         if threads:
@@ -97,6 +111,8 @@ class Encoder:
         model = quantize(model, self.inference)
         #: the dtype the torch image tower takes its pixels in (bf16: the tower's weights are bfloat16)
         self.pixel_dtype = torch.bfloat16 if self.inference == BF16 else torch.float32
+        #: what the image tower runs: ``inference``, or 'bf16' for an indexing encoder under 'auto' (see above)
+        self.image_inference = self.inference
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
@@ -135,7 +151,19 @@ class Encoder:
             return
         if self._onnx is not None:
             self._record_onnx_start(onnx_cache_dir)
+            if indexing and inference == AUTO and self._onnx.image is not None and native_bf16():
+                self._images_on_bf16()
         self.onnx_ready.set()
+
+    def _images_on_bf16(self) -> None:
+        """Run the image tower on torch bf16 weights instead of its ORT fp32 session, which is let go (the launch
+        record, written already, keeps the export for the service's start)."""
+        assert self._onnx is not None
+        self._onnx = dataclasses.replace(self._onnx, image=None)
+        quantize(self.model, BF16)
+        self.pixel_dtype = torch.bfloat16
+        self.image_inference = BF16
+        log.info("%s: the image tower runs on bf16 weights (this CPU multiplies bf16 natively)", self.spec.label)
 
     def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
         """Export (or load the cached export of) the towers while the encoder serves on torch, then use them."""
@@ -182,6 +210,7 @@ class Encoder:
             onnx_cache_dir=settings.data_dir / "onnx",
             export_in_background=export_in_background,
             lanes=resolve_lanes(settings.encode_lanes, device, settings.torch_threads) if indexing else 1,
+            indexing=indexing,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

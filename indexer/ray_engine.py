@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from app.config import Settings
-from app.encoder import Encoder
+from app.encoder import Encoder, resolve_device
 from app.errors import ClipSearchError
+from app.quantize import native_bf16
 from app.store import HASH_FIELDS, Store
 from indexer.ondisk import write_store_parts
 from indexer.pipeline import Indexer, IndexSummary, Plan, Prepared, PrepareOptions, embed_batch, prepare_file
@@ -161,7 +162,8 @@ class EmbedPartitions:
 
     With ``image_tower`` (the driver's ONNX export) the actor runs that file in ONNX Runtime and builds no model:
     the same vectors as the driver's encoder, and seconds less to start. Without it, the actor loads the model
-    through torch; 'auto' then means torch fp32, as each actor would otherwise export the towers itself."""
+    through torch; 'auto' then means torch fp32 (bf16 on a CPU that multiplies it natively, as an indexing encoder
+    under 'auto' runs its image tower there), as each actor would otherwise export the towers itself."""
 
     def __init__(self, settings: Settings, image_tower: ShippedImageTower | None = None) -> None:
         self.settings = settings
@@ -170,8 +172,9 @@ class EmbedPartitions:
             self.encoder = TowerEncoder(image_tower, settings.torch_threads)
             self.model_key, self.backend = image_tower.store_key, f"{image_tower.mode}, the driver's export"
         else:
+            auto = settings.inference == "auto"
             self.encoder = Encoder.from_settings(
-                settings.with_overrides(inference="fp32") if settings.inference == "auto" else settings
+                settings.with_overrides(inference=_actor_auto_mode(settings)) if auto else settings
             )
             self.model_key, self.backend = self.encoder.spec.store_key, f"torch {self.encoder.inference}"
 
@@ -188,6 +191,12 @@ class EmbedPartitions:
             out_shards.append(shard_bytes(str(partition_id), self.model_key, items, vectors))
         backends = np.array([self.backend] * len(out_ids))
         return {"partition": np.array(out_ids), "shard": np.array(out_shards, dtype=object), "backend": backends}
+
+
+def _actor_auto_mode(settings: Settings) -> str:
+    """What 'auto' means for an actor that loads the model itself: bf16 on a CPU that multiplies it natively,
+    else fp32 (no ONNX export per actor)."""
+    return "bf16" if resolve_device(settings.device).type == "cpu" and native_bf16() else "fp32"
 
 
 def _pack_prepared(items: list[Prepared]) -> bytes:

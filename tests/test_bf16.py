@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app import quantize
 from app.config import Settings
@@ -123,3 +124,53 @@ def test_an_index_built_in_fp32_is_served_by_a_bf16_service_that_says_so(
     from tests.api.conftest import assert_served_in_mode
 
     assert_served_in_mode(tmp_path, tiny_model_dir, tiny_encoder, "bf16")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_indexing_runs_images_on_bf16_where_the_cpu_multiplies_it(
+    native: bool,
+    tiny_model_dir: Path,
+    tiny_encoder: Encoder,
+    tmp_path: Path,
+    shared_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """'auto' on a CPU: the indexing encoder's image tower on torch bf16 where the CPU has bf16 instructions (its
+    ORT image session let go), ORT fp32 elsewhere; the text tower on ORT either way, and the service's start keeps
+    the image export in its launch record."""
+    from app import encoder as encoder_module
+    from app.onnx_encoder import OnnxEncoder
+
+    monkeypatch.setattr(encoder_module, "native_bf16", lambda: native)
+    settings = Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", inference="auto", data_dir=tmp_path)
+    indexing = Encoder.from_settings(settings, indexing=True)
+    service = Encoder.from_settings(settings)
+    assert indexing.inference == service.inference == service.image_inference == "onnx"
+    assert indexing.image_inference == ("bf16" if native else "onnx")
+    assert (indexing.image_tower_file() is None) is native  # Ray ships the tower only when it is ORT's
+    assert _tower_dtypes(indexing)[0] == ({torch.bfloat16} if native else {torch.float32})
+    images = [Image.open(p).convert("RGB") for p in _real_photos(shared_data, 16)]
+    reference = tiny_encoder.encode_images(images)
+    cosines = np.sum(indexing.encode_images(images) * reference, axis=1)
+    assert cosines.min() >= 0.999
+    assert bool(cosines.max() < 1.0 - 1e-7) is native
+    np.testing.assert_allclose(indexing.encode_texts(QUERIES), service.encode_texts(QUERIES), atol=1e-6)
+    light = OnnxEncoder.open(settings)
+    assert light is not None and light.towers.image is not None  # the service starts without torch, images too
+    explicit = Encoder.from_settings(settings.with_overrides(inference="onnx"), indexing=True)
+    assert explicit.image_inference == "onnx"  # only 'auto' chooses bf16
+
+
+def test_ray_actors_under_auto_run_bf16_where_native_else_fp32(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indexer import ray_engine
+
+    auto = settings.with_overrides(inference="auto", device="cpu")
+    monkeypatch.setattr(ray_engine, "native_bf16", lambda: True)
+    assert ray_engine._actor_auto_mode(auto) == "bf16"
+    monkeypatch.setattr(ray_engine, "resolve_device", lambda requested: torch.device("cuda"))
+    assert ray_engine._actor_auto_mode(auto) == "fp32"  # a GPU actor: autocast, not bf16 weights
+    monkeypatch.undo()
+    monkeypatch.setattr(ray_engine, "native_bf16", lambda: False)
+    assert ray_engine._actor_auto_mode(auto) == "fp32"
