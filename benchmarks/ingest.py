@@ -8,6 +8,8 @@ Each model is timed in one run on the same real photos, batch size and thread co
 - baseline: the loop people write (Image.open -> preprocess -> stack -> encode_image), one thread decoding;
 - model-only: encode_image on tensors decoded beforehand (the bound for a model-bound setup);
 - clipsearch: Indexer.run on a fresh data dir (walk, hash, decode pool, batched encode, commits, index save);
+- the default ('auto'): on a CPU, ONNX Runtime fp32, or torch bf16 for the image tower where the CPU multiplies
+  bf16 natively (then also bf16 model-only and clipsearch with 'onnx', the default before it, are timed);
 - int8 (the opt-in CLIPSEARCH_INFERENCE=int8, through app.quantize as the encoder applies it): model-only, as a
   ratio to the fp32 model-only rate (target >= 1.5x), with its fidelity to the reference (cosine >= 0.995,
   top-10 overlap >= 0.95).
@@ -42,7 +44,7 @@ from PIL import Image
 from app.config import Settings
 from app.encoder import Encoder
 from app.imaging import decode_image
-from app.quantize import INT8, quantize
+from app.quantize import INT8, native_bf16, quantize
 from app.store import Store
 from benchmarks.common import write_results
 from benchmarks.http_search import save_weights
@@ -206,9 +208,12 @@ def bench_model(
 
     Paths: the canonical loop, model-only and clipsearch on torch fp32 (clipsearch with the indexing encoder's
     lanes, and with one lane, the design before them); int8 model-only; and the default inference ('auto', which
-    is ONNX Runtime fp32 on a CPU for fixed weights): model-only on the service's session (every thread on one
-    call), model-only through the lanes, and clipsearch. ``settings.pretrained`` must name fixed weights (a file,
-    a local-dir model) so that every path runs the same model."""
+    is ONNX Runtime fp32 on a CPU for fixed weights, the image tower of an indexing run on torch bf16 where the CPU
+    multiplies bf16 natively): ORT model-only on the service's session (every thread on one call), model-only
+    through the default's lanes, and clipsearch. Where the CPU has native bf16: bf16 model-only (every thread on
+    one call) and clipsearch with the image tower on ORT fp32 ('onnx', the default before bf16).
+    ``settings.pretrained`` must name fixed weights (a file, a local-dir model) so that every path runs the same
+    model."""
     bs = settings.batch_size
     torch_settings = settings.with_overrides(inference="fp32", encode_lanes=lanes)
     default_settings = settings.with_overrides(inference="auto", encode_lanes=lanes)
@@ -217,12 +222,19 @@ def bench_model(
     ort = Encoder.from_settings(default_settings)  # the service's: every thread on one call
     ort_lanes = Encoder.from_settings(default_settings, indexing=True)
     assert ort.inference == ort_lanes.inference == "onnx", ort.inference
+    default_images = ort_lanes.image_inference  # 'bf16' where the CPU multiplies it natively, else 'onnx'
+    bf16 = Encoder.from_settings(settings.with_overrides(inference="bf16")) if native_bf16() else None
+    onnx_lanes = (
+        Encoder.from_settings(settings.with_overrides(inference="onnx", encode_lanes=lanes), indexing=True)
+        if default_images == "bf16"
+        else None
+    )
     with photo_folder(photos) as links:
         reference, pixels = decoded_pixels(encoder, settings, links)
         # warm-up: first calls allocate and pick kernels, in each lane too (a run on the first batch of photos)
-        for enc in (encoder, ort):
+        for enc in (encoder, ort, *([bf16] if bf16 else [])):
             encode_all(enc, pixels[:bs], bs)
-        for enc in (lane_encoder, ort_lanes):
+        for enc in (lane_encoder, ort_lanes, *([onnx_lanes] if onnx_lanes else [])):
             lanes_model_only(enc, pixels[: 2 * bs], bs)
             with photo_folder(photos[: 2 * bs]) as few:
                 clipsearch_run(settings, enc, few[0].parent)
@@ -246,10 +258,13 @@ def bench_model(
 
             return run
 
-        def ort_model_only() -> float:
-            start = time.perf_counter()
-            encode_all(ort, pixels, bs)
-            return time.perf_counter() - start
+        def all_threads(enc: Encoder) -> Callable[[], float]:
+            def run() -> float:
+                start = time.perf_counter()
+                encode_all(enc, pixels, bs)
+                return time.perf_counter() - start
+
+            return run
 
         paths: dict[str, Callable[[], float]] = {
             "baseline": baseline,
@@ -257,10 +272,14 @@ def bench_model(
             "clipsearch": indexed("clipsearch", lane_encoder),
             "clipsearch_one_lane": indexed("clipsearch_one_lane", encoder),
             "model_only_lanes": lambda: lanes_model_only(lane_encoder, pixels, bs),
-            "ort_model_only": ort_model_only,
-            "ort_model_only_lanes": lambda: lanes_model_only(ort_lanes, pixels, bs),
+            "ort_model_only": all_threads(ort),
+            "default_model_only_lanes": lambda: lanes_model_only(ort_lanes, pixels, bs),
             "clipsearch_default": indexed("clipsearch_default", ort_lanes),
         }
+        if bf16 is not None:
+            paths["bf16_model_only"] = all_threads(bf16)
+        if onnx_lanes is not None:
+            paths["clipsearch_onnx"] = indexed("clipsearch_onnx", onnx_lanes)
         if qmodel is not None:
             paths["int8_model_only"] = lambda: model_only(encoder, pixels, bs, model=qmodel)
         names = list(paths)
@@ -270,6 +289,8 @@ def bench_model(
                 rates[name].append(len(photos) / paths[name]())
             print(label, "round", r + 1, {k: round(v[-1], 2) for k, v in rates.items()}, flush=True)
     med = {name: statistics.median(v) for name, v in rates.items()}
+    # the model-only rate of what the default's image tower runs, on every thread in one call
+    default_model_only = med["bf16_model_only" if default_images == "bf16" else "ort_model_only"]
     row: dict[str, object] = {
         "model": label,
         "photos": photo_set,
@@ -285,9 +306,12 @@ def bench_model(
         "ours_vs_model_only_lanes": med["clipsearch"] / med["model_only_lanes"],
         "ours_vs_baseline": med["clipsearch"] / med["baseline"],
         "one_lane_vs_model_only": med["clipsearch_one_lane"] / med["model_only"],
+        "default_image_tower": default_images,
         "default_img_s": med["clipsearch_default"],
+        "default_model_only_img_s": default_model_only,
+        "default_vs_default_model_only": med["clipsearch_default"] / default_model_only,
+        "default_vs_default_model_only_lanes": med["clipsearch_default"] / med["default_model_only_lanes"],
         "default_vs_ort_model_only": med["clipsearch_default"] / med["ort_model_only"],
-        "default_vs_ort_model_only_lanes": med["clipsearch_default"] / med["ort_model_only_lanes"],
         "default_vs_model_only": med["clipsearch_default"] / med["model_only"],
         "default_vs_baseline": med["clipsearch_default"] / med["baseline"],
         "fidelity_default": fidelity(ref_vecs, vectors["clipsearch"]),
@@ -295,6 +319,14 @@ def bench_model(
         "fidelity_ort_default": fidelity(ref_vecs, vectors["clipsearch_default"]),
         "baseline_vs_reference": fidelity(ref_vecs, vectors["baseline"]),
     }
+    if bf16 is not None:
+        row["bf16_model_only_img_s"] = med["bf16_model_only"]
+        row["bf16_vs_fp32_model_only"] = med["bf16_model_only"] / med["model_only"]
+        row["bf16_vs_ort_model_only"] = med["bf16_model_only"] / med["ort_model_only"]
+    if onnx_lanes is not None:
+        row["onnx_default_img_s"] = med["clipsearch_onnx"]
+        row["default_vs_onnx_default"] = med["clipsearch_default"] / med["clipsearch_onnx"]
+        row["fidelity_onnx_default"] = fidelity(ref_vecs, vectors["clipsearch_onnx"])
     if qmodel is not None:
         with torch.inference_mode():
             qv = torch.nn.functional.normalize(qmodel.encode_image(pixels), dim=-1).numpy()
@@ -370,23 +402,45 @@ def main() -> None:
         )
     lines += [
         "",
-        "The default inference ('auto': ONNX Runtime fp32 on a CPU), clipsearch with its lanes, against ORT "
-        "model-only (the service's session, every thread on one call; and through the lanes), the torch fp32 "
-        "model-only rate and the canonical loop:",
+        "The default inference ('auto': ONNX Runtime fp32 on a CPU; an indexing run's image tower on torch bf16 "
+        "where the CPU multiplies bf16 natively), clipsearch with its lanes, against the model-only rate of what its "
+        "image tower runs (every thread on one call; and through the lanes), ORT fp32 model-only, torch fp32 "
+        "model-only and the canonical loop:",
         "",
-        "| model | photos | clipsearch img/s | ORT model-only img/s | ours / ORT model-only "
-        "| ours / ORT model-only in lanes | ours / torch model-only | ours / baseline | mean cos | top-10 overlap |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | photos | image tower | clipsearch img/s | its model-only img/s | ours / its model-only "
+        "| ours / its model-only in lanes | ours / ORT fp32 model-only | ours / torch fp32 model-only "
+        "| ours / baseline | mean cos | top-10 overlap |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         f = r["fidelity_ort_default"]
-        ort_rate = statistics.median(r["rates_img_s"]["ort_model_only"])  # type: ignore[index]
         lines.append(
-            f"| {r['model']} | {r['photos']} | {r['default_img_s']:.1f} | {ort_rate:.1f} | "
-            f"{r['default_vs_ort_model_only']:.2f} | {r['default_vs_ort_model_only_lanes']:.2f} | "
+            f"| {r['model']} | {r['photos']} | {r['default_image_tower']} | {r['default_img_s']:.1f} | "
+            f"{r['default_model_only_img_s']:.1f} | {r['default_vs_default_model_only']:.2f} | "
+            f"{r['default_vs_default_model_only_lanes']:.2f} | {r['default_vs_ort_model_only']:.2f} | "
             f"{r['default_vs_model_only']:.2f} | {r['default_vs_baseline']:.2f} | "
             f"{f['mean_cosine']:.5f} | {f['top10_overlap']:.3f} |"  # type: ignore[index]
         )
+    bf16_rows = [r for r in rows if "bf16_model_only_img_s" in r]
+    if bf16_rows:
+        lines += ["", "This CPU multiplies bf16 natively: bf16 model-only (the opt-in CLIPSEARCH_INFERENCE=bf16, "
+                  "every thread on one call) against torch fp32 and ORT fp32 model-only; the default's clipsearch "
+                  "against clipsearch with the image tower on ORT fp32 ('onnx', the default before bf16):", "",
+                  "| model | photos | bf16 model-only img/s | bf16 / torch fp32 | bf16 / ORT fp32 "
+                  "| clipsearch 'onnx' img/s | default / 'onnx' | 'onnx' mean cos | 'onnx' top-10 overlap |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in bf16_rows:
+            g = r.get("fidelity_onnx_default")
+            onnx_cells = (
+                f"{r['onnx_default_img_s']:.1f} | {r['default_vs_onnx_default']:.2f} | "
+                f"{g['mean_cosine']:.5f} | {g['top10_overlap']:.3f}"  # type: ignore[index]
+                if g
+                else " |  |  | "
+            )
+            lines.append(
+                f"| {r['model']} | {r['photos']} | {r['bf16_model_only_img_s']:.1f} | "
+                f"{r['bf16_vs_fp32_model_only']:.2f} | {r['bf16_vs_ort_model_only']:.2f} | {onnx_cells} |"
+            )
     if quant:
         lines += ["", "Fidelity of int8 to the reference path, and (quantisation alone) to fp32 on our pixels:", "",
                   "| model | int8 model-only img/s | int8 / fp32 model-only | mean cos | top-10 overlap "
