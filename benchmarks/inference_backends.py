@@ -3,7 +3,8 @@
     python -m benchmarks.inference_backends [--rounds 10] [--images 64] [--quick]
 
 Every backend goes through the product path, ``Encoder(..., inference=MODE)``: 'fp32' (the reference), 'int8'
-(app.quantize), 'onnx' and 'onnx-int8' (app.onnx_backend: the towers exported once into a fresh cache dir, the
+(app.quantize), 'bf16' (the image tower on bfloat16 weights; its text tower is fp32's, so it has no text row),
+'onnx' and 'onnx-int8' (app.onnx_backend: the towers exported once into a fresh cache dir, the
 export time reported; ORT on torch's thread count, graph optimisation ALL, no spin-waiting). The backends are
 interleaved in rounds, so a change of load on this shared machine hits all of them alike; load averages are
 recorded at each phase.
@@ -43,7 +44,15 @@ from tests.helpers import DATA, INSTRUMENT_MODEL, embedding_fidelity
 
 THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 #: label -> CLIPSEARCH_INFERENCE value; the first is the reference.
-BACKENDS = {"torch fp32": "fp32", "torch int8": "int8", "ORT fp32": "onnx", "ORT int8": "onnx-int8"}
+BACKENDS = {
+    "torch fp32": "fp32",
+    "torch int8": "int8",
+    "ORT fp32": "onnx",
+    "ORT int8": "onnx-int8",
+    "torch bf16": "bf16",  # the image tower only (its text tower is torch fp32's): image rows and fidelity
+}
+#: backends whose text tower is another's, left out of the text rows
+SAME_TEXT_AS = {"bf16": "fp32"}
 QUANTISED = {"int8", "onnx-int8"}
 BARS = {"quantised": (0.995, 0.95), "fp32": (0.999, 0.98)}
 FULL = "torch fp32, full 77 tokens"
@@ -107,6 +116,7 @@ def text_latency(
     variants: dict[str, tuple[Callable[[str], object], int]] = {
         FULL: (lambda q: reference.encode_texts([q], truncate=False), THREADS)
     }
+    encoders = {label: enc for label, enc in encoders.items() if BACKENDS[label] not in SAME_TEXT_AS}
     for label, enc in encoders.items():
         variants[f"{label} truncated"] = (lambda q, enc=enc: enc.encode_texts([q]), THREADS)  # type: ignore[misc]
     if one_thread and THREADS > 1:
@@ -209,7 +219,7 @@ def captions() -> list[str]:
 
 
 def cpu_capability() -> dict[str, Any]:
-    """What int8 kernels can use here: torch's dispatch level and the CPU's AVX-512 / VNNI flags."""
+    """What int8 and bf16 kernels can use here: torch's dispatch level and the CPU's AVX-512 / VNNI / BF16 flags."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
     except (OSError, IndexError):
@@ -219,6 +229,8 @@ def cpu_capability() -> dict[str, Any]:
         "avx512f": "avx512f" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "avx_vnni": "avx_vnni" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
     }
 
 

@@ -1,5 +1,5 @@
-"""CLIPSEARCH_INFERENCE=bf16: the image tower on bfloat16 weights, the text tower on fp32, close enough to the fp32
-reference to meet the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98)."""
+"""CLIPSEARCH_INFERENCE=bf16: the image tower's matrix products in bfloat16, the rest of it and the text tower in fp32,
+close enough to the fp32 reference to meet the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from app import quantize
 from app.config import Settings
@@ -24,7 +25,9 @@ from tests.test_quantize import QUERIES, _photos
 
 
 def _tower_dtypes(encoder: Encoder) -> tuple[set[torch.dtype], set[torch.dtype]]:
-    visual = {p.dtype for p in encoder.model.visual.parameters()}
+    """The dtypes of the image tower's matrix-product weights, and of every text tower parameter."""
+    visual = {m.weight.dtype for m in encoder.model.visual.modules() if isinstance(m, nn.Linear | quantize.Bf16Linear)}
+    visual |= {torch.float32 for m in encoder.model.visual.modules() if isinstance(m, nn.MultiheadAttention)}
     text = {p.dtype for n, p in encoder.model.named_parameters() if not n.startswith("visual.")}
     return visual, text
 
@@ -174,3 +177,30 @@ def test_ray_actors_under_auto_run_bf16_where_native_else_fp32(
     monkeypatch.undo()
     monkeypatch.setattr(ray_engine, "native_bf16", lambda: False)
     assert ray_engine._actor_auto_mode(auto) == "fp32"
+
+
+def test_bf16_runs_every_product_of_the_image_tower_in_bf16_and_nothing_else(tiny_model_dir: Path) -> None:
+    encoder = Encoder.from_settings(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", inference="bf16"))
+    visual = list(encoder.model.visual.modules())
+    assert not [m for m in visual if isinstance(m, nn.Linear | nn.MultiheadAttention)]  # all converted
+    products = [m for m in visual if isinstance(m, quantize.Bf16Linear)]
+    assert len(products) >= 4 * len(encoder.model.visual.transformer.resblocks)  # qkv, out, fc, proj per block
+    # around the products the tower stays fp32: patch embedding, norms, positional embedding
+    assert {p.dtype for n, p in encoder.model.visual.named_parameters() if "ln_" in n or "conv1" in n} == {
+        torch.float32
+    }
+    assert any(isinstance(m, nn.MultiheadAttention) for m in encoder.model.transformer.modules())  # text untouched
+
+
+def test_a_bf16_linear_layer_is_the_product_of_bf16_rounded_operands() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    layer = quantize.Bf16Linear(linear)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        got = layer(x)
+        rounded = nn.functional.linear(x.bfloat16().float(), linear.weight.bfloat16().float()) + linear.bias
+        exact = linear(x)
+    assert got.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    torch.testing.assert_close(got, rounded, atol=2e-2, rtol=1e-2)  # the product's own rounding to bf16 only
+    assert 0 < float((got - exact).abs().max()) < 0.05
