@@ -36,6 +36,15 @@ from app.quantize import (
 log = logging.getLogger(__name__)
 
 
+#: CPU inference modes as the indexer's summary names what ran the image tower
+IMAGE_BACKENDS = {
+    "fp32": "torch fp32",
+    "int8": "torch int8",
+    "bf16": "torch bf16 products",
+    "onnx": "ONNX Runtime fp32",
+    "onnx-int8": "ONNX Runtime int8",
+}
+
 #: CLIPSEARCH_ENCODE_LANES=0 gives one lane per core up to this many (each lane holds a batch's activations;
 #: measured on 2 cores only)
 MAX_AUTO_LANES = 4
@@ -110,8 +119,7 @@ class Encoder:
         # int8 and bf16 keep the weights' embedding space (same model, same manifest), approximated (~1e-3, ~1e-5).
         self.inference = check_inference(resolve_inference(inference, spec, on_cpu=device.type == "cpu"), device)
         model = quantize(model, self.inference)
-        #: what the image tower runs: ``inference``, or 'bf16' for an indexing encoder under 'auto' (see above)
-        self.image_inference = self.inference
+        self._images_bf16 = False  # an indexing encoder under 'auto' on a CPU with native bf16 (see above)
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
@@ -160,7 +168,7 @@ class Encoder:
         assert self._onnx is not None
         self._onnx = dataclasses.replace(self._onnx, image=None)
         quantize(self.model, BF16)
-        self.image_inference = BF16
+        self._images_bf16 = True
         log.info("%s: the image tower's products run in bf16 (this CPU multiplies bf16 natively)", self.spec.label)
 
     def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
@@ -232,6 +240,23 @@ class Encoder:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             features = self.model.encode_image(batch)
         return _normalise(features)
+
+    @property
+    def image_inference(self) -> str:
+        """The mode the image tower runs in: ``inference``'s, 'bf16' for an indexing encoder under 'auto' on a CPU
+        with native bf16, or 'fp32' for a tower ONNX Runtime could not take."""
+        if self._images_bf16:
+            return BF16
+        if self._onnx is not None and self._onnx.image is not None:
+            return str(self._onnx.mode)
+        return self.inference if self.inference in TORCH_MODES else FP32
+
+    @property
+    def image_backend(self) -> str:
+        """What runs the image tower, in words (indexing summaries): 'ONNX Runtime fp32', 'torch bf16 products', ..."""
+        if self.device.type != "cpu":
+            return f"{self.device.type} ({'bf16' if torch.cuda.is_bf16_supported() else 'fp16'} autocast)"
+        return IMAGE_BACKENDS.get(self.image_inference, self.image_inference)
 
     def image_tower_file(self) -> tuple[Path, str] | None:
         """The ONNX file the image tower runs on and its mode (onnx | onnx-int8), or None when it runs on torch."""

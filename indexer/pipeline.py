@@ -62,6 +62,8 @@ class IndexSummary:
     index_compacted: str = ""
     failures: list[tuple[str, str]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    #: what ran the image tower in this process (Encoder.image_backend, and the lanes), for the summary line
+    image_tower: str = ""
 
     @property
     def rate(self) -> float:
@@ -73,7 +75,9 @@ class IndexSummary:
             f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, reused {self.reused}, "
             f"removed {self.removed}, failed {self.failed}"
             + (f", hashes added to {self.hashed} existing" if self.hashed else ""),
-            f"embedded {self.embedded} images in {self.seconds - self.tag_seconds:.1f}s ({self.rate:.1f} img/s); "
+            f"embedded {self.embedded} images in {self.seconds - self.tag_seconds:.1f}s ({self.rate:.1f} img/s"
+            + (f" on {self.image_tower}" if self.image_tower and self.embedded else "")
+            + "); "
             + (f"tagged {self.tagged} in {self.tag_seconds:.1f}s; " if self.tagged else "")
             + f"index holds {self.index_count} vectors"
             + (" (rebuilt from the store)" if self.index_rebuilt else ""),
@@ -328,7 +332,7 @@ class Indexer:
         simply be started again: what was committed is not embedded twice. ``compact``: compact an on-disk
         index fully afterwards (it is otherwise compacted when its policy says so)."""
         started = time.perf_counter()
-        summary = IndexSummary()
+        summary = IndexSummary(image_tower=self.image_tower_line())
         found = scan(list(roots), exclude=[self.settings.data_dir])
         plan = self.plan(found, summary, retry_failed=retry_failed)
         touched: set[int] = set()
@@ -336,6 +340,12 @@ class Indexer:
         self.finish(found, plan, summary, touched, rebuild=rebuild, compact=compact)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def image_tower_line(self) -> str:
+        """What embeds this run's images, e.g. 'torch bf16 products, 2 lanes' ('' for an encoder that cannot say)."""
+        backend = getattr(self.encoder, "image_backend", "")
+        lanes = self.encode_lanes
+        return f"{backend}, {lanes} lanes" if backend and lanes > 1 else backend
 
     @functools.cached_property
     def prepare_options(self) -> PrepareOptions:

@@ -80,6 +80,9 @@ def test_bf16_lanes_index_what_the_fp32_path_indexes(
         catalogs.append((summary, store))
     (ref_summary, ref_store), (summary, store) = catalogs
     assert (summary.embedded, summary.failed) == (ref_summary.embedded, ref_summary.failed) == (24, 1)
+    # the summary says what embedded the images
+    assert "img/s on torch fp32); " in ref_summary.lines()[1]
+    assert "img/s on torch bf16 products, 2 lanes); " in summary.lines()[1]
     ref_states, states = ref_store.file_states(), store.file_states()
     indexed = sorted(p for p, s in states.items() if s.status == ImageStatus.INDEXED)
     assert indexed == sorted(p for p, s in ref_states.items() if s.status == ImageStatus.INDEXED)
@@ -151,6 +154,7 @@ def test_auto_indexing_runs_images_on_bf16_where_the_cpu_multiplies_it(
     assert indexing.inference == service.inference == service.image_inference == "onnx"
     assert indexing.image_inference == ("bf16" if native else "onnx")
     assert (indexing.image_tower_file() is None) is native  # Ray ships the tower only when it is ORT's
+    assert indexing.image_backend == ("torch bf16 products" if native else "ONNX Runtime fp32")
     assert _tower_dtypes(indexing)[0] == ({torch.bfloat16} if native else {torch.float32})
     images = [Image.open(p).convert("RGB") for p in _real_photos(shared_data, 16)]
     reference = tiny_encoder.encode_images(images)
