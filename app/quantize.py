@@ -30,7 +30,8 @@ INT8 = "int8"
 #: ONNX Runtime's fp32 and int8 paths (app.onnx_backend): the same model, exported once and cached.
 ONNX = "onnx"
 ONNX_INT8 = "onnx-int8"
-#: the image tower on bfloat16 weights (torch, CPU), the text tower on fp32: for CPUs that multiply bf16 natively
+#: the image tower's matrix products in bfloat16 (torch, CPU), the rest and the text tower in fp32: for CPUs that
+#: multiply bf16 natively
 BF16 = "bf16"
 INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8, BF16)
 #: the modes that run on the torch model itself (no ONNX export)
@@ -168,8 +169,7 @@ def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
 def quantize(model: ModelT, mode: str) -> ModelT:
     """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only;
     'bf16': the image tower's linear layers on bfloat16 weights, in place (:func:`to_bf16_products`), the text
-    tower left on fp32; the ONNX modes
-    leave the torch model unchanged: ONNX Runtime runs an export of it)."""
+    tower left on fp32; the ONNX modes leave the torch model unchanged: ONNX Runtime runs an export of it)."""
     if mode in (FP32, ONNX, ONNX_INT8):
         return model
     if mode == BF16:
