@@ -27,7 +27,6 @@ from app.quantize import (
     FP32,
     ONNX_INT8,
     TORCH_MODES,
-    bf16_sub_batch,
     check_inference,
     native_bf16,
     quantize,
@@ -121,8 +120,6 @@ class Encoder:
         self.inference = check_inference(resolve_inference(inference, spec, on_cpu=device.type == "cpu"), device)
         model = quantize(model, self.inference)
         self._images_bf16 = False  # an indexing encoder under 'auto' on a CPU with native bf16 (see above)
-        #: images per image-tower call on torch (bf16 products run faster on small calls); None: the whole batch
-        self._image_call: int | None = bf16_sub_batch(model.visual) if self.inference == BF16 else None
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
@@ -172,7 +169,6 @@ class Encoder:
         self._onnx = dataclasses.replace(self._onnx, image=None)
         quantize(self.model, BF16)
         self._images_bf16 = True
-        self._image_call = bf16_sub_batch(self.model.visual)
         log.info("%s: the image tower's products run in bf16 (this CPU multiplies bf16 natively)", self.spec.label)
 
     def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
@@ -242,15 +238,8 @@ class Encoder:
             batch = batch.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            features = self._encode_image(batch)
+            features = self.model.encode_image(batch)
         return _normalise(features)
-
-    def _encode_image(self, batch: torch.Tensor) -> torch.Tensor:
-        """The torch image tower on ``batch``, in calls of ``_image_call`` images where that is set."""
-        step = self._image_call
-        if step is None or len(batch) <= step:
-            return self.model.encode_image(batch)  # type: ignore[no-any-return]
-        return torch.cat([self.model.encode_image(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     @property
     def image_inference(self) -> str:
@@ -288,7 +277,7 @@ class Encoder:
         if self._onnx is not None and self._onnx.image is not None:
             return _normalise(self._onnx.encode_image(batch.numpy()))
         with torch.inference_mode():
-            return _normalise(self._encode_image(batch.contiguous(memory_format=torch.channels_last)))
+            return _normalise(self.model.encode_image(batch.contiguous(memory_format=torch.channels_last)))
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         return encode_in_batches(self, images, batch_size, torch.stack)

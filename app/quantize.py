@@ -114,24 +114,6 @@ def to_bf16_products(tower: nn.Module) -> int:
     return converted
 
 
-#: bf16 products run fastest on batches whose token rows x width stay near this many elements (the activations of a
-#: product then stay in a core's cache): on the Zen 4 host ViT-B-32's bf16 image tower encoded 34 img/s in two lanes
-#: at 32 photos per call and 39 at 8-12 (fp32 gains nothing from smaller calls), the 64 px model 275 at 64 and
-#: 400-425 at 8-32 (docs/PERFORMANCE.md, session 12)
-BF16_CALL_ELEMENTS = 393_216
-
-
-def bf16_sub_batch(tower: nn.Module) -> int | None:
-    """How many images a bf16 ViT tower should take per call (``BF16_CALL_ELEMENTS``), or None when ``tower`` is
-    not a ViT whose token count and width are known."""
-    grid, transformer = getattr(tower, "grid_size", None), getattr(tower, "transformer", None)
-    width = getattr(transformer, "width", None)
-    if not isinstance(grid, tuple | list) or len(grid) != 2 or not isinstance(width, int):
-        return None
-    tokens = int(grid[0]) * int(grid[1]) + 1
-    return max(1, BF16_CALL_ELEMENTS // (tokens * width))
-
-
 def swap_self_attention(model: nn.Module) -> int:
     """Replace the plain self-attention modules of open_clip's blocks by :class:`LinearSelfAttention`."""
     swapped = 0

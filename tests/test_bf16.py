@@ -4,7 +4,6 @@ close enough to the fp32 reference to meet the default path's bar (cosine >= 0.9
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -209,35 +208,3 @@ def test_a_bf16_linear_layer_is_the_product_of_bf16_rounded_operands() -> None:
     assert got.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
     torch.testing.assert_close(got, rounded, atol=2e-2, rtol=1e-2)  # the product's own rounding to bf16 only
     assert 0 < float((got - exact).abs().max()) < 0.05
-
-
-def test_bf16_encodes_in_calls_small_enough_for_the_cache(instrument_model_dir: Path, shared_data: Path) -> None:
-    """A batch goes through the bf16 tower in calls of bf16_sub_batch images, with the vectors of one call."""
-    import open_clip
-
-    vit = open_clip.create_model("ViT-B-32")
-    assert quantize.bf16_sub_batch(vit.visual) == 10  # 50 tokens x 768 wide
-    assert quantize.bf16_sub_batch(nn.Linear(2, 2)) is None  # not a ViT: whole batches
-    encoder = Encoder.from_settings(Settings(model=f"local-dir:{instrument_model_dir}", device="cpu", inference="bf16"))
-    step = quantize.bf16_sub_batch(encoder.model.visual)
-    assert step == 23  # the trained 64 px model: 65 tokens x 256 wide
-    images = [Image.open(p).convert("RGB") for p in _real_photos(shared_data, 48)]
-    pixels = torch.stack([encoder.preprocess(im) for im in images])
-    sizes: list[int] = []
-    encode = encoder.model.encode_image
-
-    def recorded(batch: torch.Tensor) -> torch.Tensor:
-        sizes.append(len(batch))
-        return encode(batch)
-
-    encoder.model.encode_image = recorded  # type: ignore[method-assign]
-    together = encoder.encode_pixels(pixels)
-    assert sizes == [23, 23, 2]
-    encoder.enter_lane()
-    try:
-        in_lane = encoder.encode_pixels_in_lane(pixels)
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
-    one_by_one = np.concatenate([encoder.encode_pixels(pixels[i : i + 1]) for i in range(48)])
-    assert np.sum(together * one_by_one, axis=1).min() >= 0.99999
-    assert np.sum(in_lane * together, axis=1).min() >= 0.99999
