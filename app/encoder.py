@@ -219,11 +219,15 @@ class Encoder:
             indexing=indexing,
         )
 
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """What the model computes in on a GPU (autocast: bf16 where the GPU has it, else fp16); None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        dtype = self._autocast_dtype()
+        return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         tensor: torch.Tensor = self.preprocess(image)
@@ -254,8 +258,9 @@ class Encoder:
     @property
     def image_backend(self) -> str:
         """What runs the image tower, in words (indexing summaries): 'ONNX Runtime fp32', 'torch bf16 products', ..."""
-        if self.device.type != "cpu":
-            return f"{self.device.type} ({'bf16' if torch.cuda.is_bf16_supported() else 'fp16'} autocast)"
+        dtype = self._autocast_dtype()
+        if dtype is not None:
+            return f"{self.device.type} ({'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast)"
         return IMAGE_BACKENDS.get(self.image_inference, self.image_inference)
 
     def image_tower_file(self) -> tuple[Path, str] | None:

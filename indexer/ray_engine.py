@@ -68,7 +68,8 @@ class RayIndexSummary(IndexSummary):
     partitions_from_shards: int = 0
     partitions_computed: int = 0
     embed_workers: int = 0
-    #: what the embedding actors ran, as they reported it: 'onnx'/'onnx-int8' (the driver's export) or torch's mode
+    #: what the embedding actors ran, as they reported it: 'onnx'/'onnx-int8' (the driver's export), or the image
+    #: backend of the model they loaded (Encoder.image_backend: 'torch fp32', 'torch bf16 products', ...)
     embed_backend: str = ""
 
     def lines(self, max_failures: int = 5) -> list[str]:
@@ -176,7 +177,7 @@ class EmbedPartitions:
             self.encoder = Encoder.from_settings(
                 settings.with_overrides(inference=_actor_auto_mode(settings)) if auto else settings
             )
-            self.model_key, self.backend = self.encoder.spec.store_key, f"torch {self.encoder.inference}"
+            self.model_key, self.backend = self.encoder.spec.store_key, self.encoder.image_backend
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out_ids, out_shards = [], []
