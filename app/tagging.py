@@ -134,10 +134,11 @@ class TaggingPlan:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
-    def load(self, encoder: Any, cache_dir: Path | None) -> Tagger:
-        """Class embeddings of both vocabularies (encoded once per model and vocabulary, then cached)."""
-        tags = load_classifier(encoder, self.tags.vocabulary, cache_dir) if self.tags else None
-        flags = load_classifier(encoder, self.flags.vocabulary, cache_dir) if self.flags else None
+    def load(self, encoder: Any, cache_dir: Path | None, *, progress: bool = False) -> Tagger:
+        """Class embeddings of both vocabularies (encoded once per model and vocabulary, then cached; ``progress``:
+        a bar while one is encoded)."""
+        tags = load_classifier(encoder, self.tags.vocabulary, cache_dir, progress=progress) if self.tags else None
+        flags = load_classifier(encoder, self.flags.vocabulary, cache_dir, progress=progress) if self.flags else None
         return Tagger(self, self.key(encoder), tags, flags)
 
 
@@ -186,7 +187,7 @@ def tag_images(
         for i in range(0, len(todo), TAG_BATCH):
             store.save_tags({image_id: [] for image_id in todo[i : i + TAG_BATCH]}, key)
         return len(todo)
-    tagger = plan.load(encoder, cache_dir)
+    tagger = plan.load(encoder, cache_dir, progress=progress)
     done = 0
     with tqdm(total=len(todo), unit="img", desc="tagging", disable=not progress, dynamic_ncols=True) as bar:
         for ids, vectors in store.iter_vectors_for(todo, model, chunk=TAG_BATCH):

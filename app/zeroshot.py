@@ -35,12 +35,13 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from app.config import Settings
 from app.errors import ConfigError
@@ -146,8 +147,13 @@ def classify(
     return out
 
 
-def class_embeddings(encoder: TextEncoder, prompts_per_label: Sequence[Sequence[str]]) -> np.ndarray:
-    """Per label, the mean of its prompts' unit embeddings, renormalised: (labels, dim) float32."""
+def class_embeddings(
+    encoder: TextEncoder,
+    prompts_per_label: Sequence[Sequence[str]],
+    on_encoded: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Per label, the mean of its prompts' unit embeddings, renormalised: (labels, dim) float32. ``on_encoded``
+    is called with the number of prompts each group of up to ``PROMPTS_PER_GROUP`` added (a progress bar)."""
     groups: list[list[int]] = [[]]
     size = 0
     for position, prompts in enumerate(prompts_per_label):
@@ -162,6 +168,8 @@ def class_embeddings(encoder: TextEncoder, prompts_per_label: Sequence[Sequence[
     for group in groups:
         texts = [text for position in group for text in prompts_per_label[position]]
         vectors = _encode_by_length(encoder, texts)
+        if on_encoded is not None:
+            on_encoded(len(texts))
         start = 0
         for position in group:
             count = len(prompts_per_label[position])
@@ -172,21 +180,30 @@ def class_embeddings(encoder: TextEncoder, prompts_per_label: Sequence[Sequence[
     return _unit_rows(np.stack(rows))
 
 
-def build_classifier(encoder: Any, vocabulary: Vocabulary) -> ZeroShotClassifier:
-    """Encode a vocabulary with the encoder's text tower (no cache)."""
-    embeddings = class_embeddings(encoder, vocabulary.prompts_per_label())
-    background = (
-        _unit_rows(np.asarray(encoder.encode_texts(list(vocabulary.background)), dtype=np.float32))
-        if vocabulary.background
-        else np.zeros((0, embeddings.shape[1]), dtype=np.float32)
-    )
+def build_classifier(encoder: Any, vocabulary: Vocabulary, *, progress: bool = False) -> ZeroShotClassifier:
+    """Encode a vocabulary with the encoder's text tower (no cache); ``progress``: a bar of the prompts encoded
+    on stderr (the built-in ImageNet vocabulary has ~80,000: minutes on a CPU for ViT-B-32)."""
+    prompts = vocabulary.prompts_per_label()
+    total = sum(len(p) for p in prompts) + len(vocabulary.background)
+    desc = f"encoding vocabulary '{vocabulary.name}' (once per model)"
+    with tqdm(total=total, unit="prompt", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        embeddings = class_embeddings(encoder, prompts, bar.update)
+        background = (
+            _unit_rows(np.asarray(encoder.encode_texts(list(vocabulary.background)), dtype=np.float32))
+            if vocabulary.background
+            else np.zeros((0, embeddings.shape[1]), dtype=np.float32)
+        )
+        bar.update(len(vocabulary.background))
     return _assemble(encoder, vocabulary, embeddings, background)
 
 
-def load_classifier(encoder: Any, vocabulary: Vocabulary, cache_dir: Path | None) -> ZeroShotClassifier:
-    """The vocabulary's classifier for this encoder, from ``cache_dir`` when cached there, else built and cached."""
+def load_classifier(
+    encoder: Any, vocabulary: Vocabulary, cache_dir: Path | None, *, progress: bool = False
+) -> ZeroShotClassifier:
+    """The vocabulary's classifier for this encoder, from ``cache_dir`` when cached there, else built and cached
+    (``progress``: a bar while it is encoded)."""
     if cache_dir is None:
-        return build_classifier(encoder, vocabulary)
+        return build_classifier(encoder, vocabulary, progress=progress)
     model = model_fingerprint(encoder)
     key = hashlib.sha256(f"{CACHE_FORMAT}|{model}|{vocabulary.content_hash}".encode()).hexdigest()[:20]
     base = Path(cache_dir) / f"{_slug(vocabulary.name)}-{key}"
@@ -195,7 +212,7 @@ def load_classifier(encoder: Any, vocabulary: Vocabulary, cache_dir: Path | None
         embeddings, background = cached
         return _assemble(encoder, vocabulary, embeddings, background)
     log.info("encoding vocabulary '%s' (%d labels) for %s", vocabulary.name, len(vocabulary.labels), model)
-    classifier = build_classifier(encoder, vocabulary)
+    classifier = build_classifier(encoder, vocabulary, progress=progress)
     try:
         _write_cache(base, model, vocabulary, classifier)
     except OSError as exc:  # a read-only data dir must not stop tagging; it only costs the encoding next time

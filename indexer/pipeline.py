@@ -70,14 +70,19 @@ class IndexSummary:
         seconds = self.seconds - self.tag_seconds
         return self.embedded / seconds if seconds > 0 else 0.0
 
+    def _embedded_part(self) -> str:
+        """'embedded N images in Xs (R img/s on BACKEND); ', or 'embedded 0 images; ' (no rate to speak of)."""
+        if not self.embedded:
+            return "embedded 0 images; "
+        seconds, tower = self.seconds - self.tag_seconds, f" on {self.image_tower}" if self.image_tower else ""
+        return f"embedded {self.embedded} images in {seconds:.1f}s ({self.rate:.1f} img/s{tower}); "
+
     def lines(self, max_failures: int = 5) -> list[str]:
         out = [
             f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, reused {self.reused}, "
             f"removed {self.removed}, failed {self.failed}"
             + (f", hashes added to {self.hashed} existing" if self.hashed else ""),
-            f"embedded {self.embedded} images in {self.seconds - self.tag_seconds:.1f}s ({self.rate:.1f} img/s"
-            + (f" on {self.image_tower}" if self.image_tower and self.embedded else "")
-            + "); "
+            self._embedded_part()
             + (f"tagged {self.tagged} in {self.tag_seconds:.1f}s; " if self.tagged else "")
             + f"index holds {self.index_count} vectors"
             + (" (rebuilt from the store)" if self.index_rebuilt else ""),

@@ -390,3 +390,15 @@ def test_decode_overlap_auto_pauses_decoding_on_a_cpu_only(
         device = type("Device", (), {"type": "cuda"})()
 
     assert not Indexer(settings, store, OnGpu(tiny_encoder), progress=False).decode_between_batches  # type: ignore[arg-type]
+
+
+def test_the_summary_gives_a_rate_only_when_images_were_embedded() -> None:
+    from indexer import IndexSummary
+
+    idle = IndexSummary(unchanged=79, seconds=0.4, index_count=79, image_tower="torch bf16 products, 2 lanes")
+    assert idle.lines()[1] == "embedded 0 images; index holds 79 vectors"
+    busy = IndexSummary(embedded=10, seconds=3.0, tag_seconds=1.0, tagged=10, index_count=10, image_tower="ONNX")
+    assert (
+        busy.lines()[1] == "embedded 10 images in 2.0s (5.0 img/s on ONNX); tagged 10 in 1.0s; index holds 10 vectors"
+    )
+    assert IndexSummary(embedded=4, seconds=2.0).lines()[1].startswith("embedded 4 images in 2.0s (2.0 img/s); ")

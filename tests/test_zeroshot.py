@@ -225,3 +225,27 @@ def test_classifying_many_images_in_chunks_gives_each_image_its_own_tags(monkeyp
         assert [t.label for t in row] == [f"l{i}" for i in expected]
         assert [t.score for t in row] == pytest.approx([probabilities[i] for i in expected], rel=1e-5)
     assert classify(np.zeros((0, 4)), classifier) == []
+
+
+def test_encoding_a_vocabulary_shows_a_progress_bar_and_a_cached_one_does_not(
+    tiny_encoder: Encoder, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 labels x 7 templates = 21 prompts, in groups of 8 (as ImageNet's 80,000 go in groups of 4,096), plus 2
+    # background prompts: the bar counts every prompt encoded and ends at the total.
+    monkeypatch.setattr(zeroshot, "PROMPTS_PER_GROUP", 8)
+    vocab = parse_vocabulary(
+        {"name": "garden", "templates": "simple", "labels": ["cat", "fern", "moss"], "background": ["a wall", "sky"]}
+    )
+    seen: list[int] = []
+    class_embeddings(tiny_encoder, vocab.prompts_per_label(), seen.append)
+    assert seen == [7, 7, 7]  # whole labels per group: 7 + 7 would pass 8, so each group holds one label
+
+    encoder = CountingEncoder(tiny_encoder)
+    load_classifier(encoder, vocab, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "encoding vocabulary 'garden' (once per model)" in err and "23/23" in err and encoder.texts == 23
+
+    load_classifier(encoder, vocab, tmp_path, progress=True)  # from the cache: nothing encoded, no bar
+    assert capsys.readouterr().err == "" and encoder.texts == 23
+    load_classifier(encoder, parse_vocabulary({"templates": "single", "labels": ["a", "b"]}), tmp_path)
+    assert "encoding vocabulary" not in capsys.readouterr().err  # progress is off by default
