@@ -32,6 +32,7 @@ from app.quantize import (
     quantize,
     set_cpu_threads,
 )
+from app.text_prefix import PrefixTower
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,26 @@ class Encoder:
                     features = self.model.encode_text(tokens)
             out.append(_normalise(features))
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
+    @property
+    def shares_prompt_prefixes(self) -> bool:
+        """Whether ``encode_prompts`` runs shared prefixes once: open_clip's own causal text tower of plain blocks,
+        on a CPU, its layers not quantised to int8 (an ``onnx-int8`` encoder's torch tower is fp32)."""
+        return self.device.type == "cpu" and PrefixTower.of(self.model) is not None
+
+    def encode_prompts(self, texts: Sequence[str], on_encoded: Callable[[int], None] | None = None) -> np.ndarray:
+        """Unit vectors of many prompts at once (a vocabulary: app.zeroshot.class_embeddings), each prefix they share
+        computed once (app.text_prefix; ``shares_prompt_prefixes`` must hold). The products run in bf16 where the
+        image tower's do (``CLIPSEARCH_INFERENCE=bf16``, or an indexing run under 'auto' on a CPU that multiplies
+        bf16 natively). ``on_encoded``: called with the number of prompts of each chunk done. Needs no lock: the
+        tower only reads the model."""
+        tower = PrefixTower.of(self.model, bf16=self.image_inference == BF16)
+        if tower is None:
+            raise ValueError(f"{self.spec.label}: its text tower cannot share prompt prefixes; use encode_texts")
+        tokens = self.tokenizer(list(texts))
+        with torch.inference_mode():
+            features = tower.encode(tokens, _pooled_positions(self.model, tokens), on_encoded)
+        return _normalise(features)
 
     @property
     def hf_text_model(self) -> str | None:

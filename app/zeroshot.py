@@ -53,11 +53,22 @@ CACHE_FORMAT = 1
 DEFAULT_LOGIT_SCALE = 100.0
 # Prompts encoded per model call group: bounds memory for large vocabularies (ImageNet: ~80k prompts).
 PROMPTS_PER_GROUP = 4096
+# ... for an encoder that shares prompt prefixes (Encoder.encode_prompts): a group is whole labels (all their
+# templates), so a template meets ~400 labels in one group, enough for chunks of 256 rows (app.text_prefix).
+BULK_PROMPTS_PER_GROUP = 32768
 CLASSIFY_CHUNK = 4096
 
 
 class TextEncoder(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class PromptEncoder(TextEncoder, Protocol):
+    """An encoder that also encodes many prompts at once, sharing their prefixes (app.encoder.Encoder)."""
+
+    shares_prompt_prefixes: bool
+
+    def encode_prompts(self, texts: Sequence[str], on_encoded: Callable[[int], None] | None = None) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -154,12 +165,14 @@ def class_embeddings(
 ) -> np.ndarray:
     """Per label, the mean of its prompts' unit embeddings, renormalised: (labels, dim) float32. ``on_encoded``
     is called with the number of prompts each group of up to ``PROMPTS_PER_GROUP`` added (a progress bar)."""
+    shares_prefixes = bool(getattr(encoder, "shares_prompt_prefixes", False))
+    per_group = BULK_PROMPTS_PER_GROUP if shares_prefixes else PROMPTS_PER_GROUP
     groups: list[list[int]] = [[]]
     size = 0
     for position, prompts in enumerate(prompts_per_label):
         if not prompts:
             raise ValueError(f"label #{position} has no prompt to encode")
-        if size and size + len(prompts) > PROMPTS_PER_GROUP:
+        if size and size + len(prompts) > per_group:
             groups.append([])
             size = 0
         groups[-1].append(position)
@@ -167,9 +180,12 @@ def class_embeddings(
     rows: list[np.ndarray] = []
     for group in groups:
         texts = [text for position in group for text in prompts_per_label[position]]
-        vectors = _encode_by_length(encoder, texts)
-        if on_encoded is not None:
-            on_encoded(len(texts))
+        if shares_prefixes:  # reports each chunk as it is done
+            vectors = np.asarray(encoder.encode_prompts(texts, on_encoded), dtype=np.float32)  # type: ignore[attr-defined]
+        else:
+            vectors = _encode_by_length(encoder, texts)
+            if on_encoded is not None:
+                on_encoded(len(texts))
         start = 0
         for position in group:
             count = len(prompts_per_label[position])

@@ -27,6 +27,7 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "http_search-onnx-int8": ("http_search", ["--inference", "onnx-int8"], ["--quick"]),
     "http_search-auto": ("http_search", ["--inference", "auto"], ["--quick"]),
     "inference_backends": ("inference_backends", [], ["--quick"]),
+    "vocabulary": ("vocabulary", [], ["--quick"]),
     "gpu_ingest": ("gpu_ingest", [], ["--quick"]),
 }
 #: benchmarks that need a GPU: skipped, saying so, on a machine without one

@@ -237,15 +237,17 @@ def test_encoding_a_vocabulary_shows_a_progress_bar_and_a_cached_one_does_not(
         {"name": "garden", "templates": "simple", "labels": ["cat", "fern", "moss"], "background": ["a wall", "sky"]}
     )
     seen: list[int] = []
-    class_embeddings(tiny_encoder, vocab.prompts_per_label(), seen.append)
+    encoder = CountingEncoder(tiny_encoder)  # encodes prompts one call per group (no shared prefixes)
+    class_embeddings(encoder, vocab.prompts_per_label(), seen.append)
     assert seen == [7, 7, 7]  # whole labels per group: 7 + 7 would pass 8, so each group holds one label
 
-    encoder = CountingEncoder(tiny_encoder)
     load_classifier(encoder, vocab, tmp_path, progress=True)
     err = capsys.readouterr().err
-    assert "encoding vocabulary 'garden' (once per model)" in err and "23/23" in err and encoder.texts == 23
+    assert "encoding vocabulary 'garden' (once per model)" in err and "23/23" in err and encoder.texts == 44
+    load_classifier(tiny_encoder, vocab, tmp_path / "other", progress=True)  # shared prefixes: per chunk
+    assert "encoding vocabulary 'garden' (once per model)" in (err := capsys.readouterr().err) and "23/23" in err
 
     load_classifier(encoder, vocab, tmp_path, progress=True)  # from the cache: nothing encoded, no bar
-    assert capsys.readouterr().err == "" and encoder.texts == 23
+    assert capsys.readouterr().err == "" and encoder.texts == 44
     load_classifier(encoder, parse_vocabulary({"templates": "single", "labels": ["a", "b"]}), tmp_path)
     assert "encoding vocabulary" not in capsys.readouterr().err  # progress is off by default
