@@ -3,11 +3,12 @@
 A vocabulary is every template filled with every label ("a photo of a {}." x 998 ImageNet classes x 80 templates:
 79,840 prompts), so most prompts open with the same tokens as hundreds of others: "<start> a photo of a" is half of
 "<start> a photo of a goldfish . <end>". open_clip's text towers attend causally (position i sees positions <= i)
-and pool at the end token, so a prefix's states do not depend on what follows it. This module sorts the prompts by
-their tokens, cuts the sorted list into chunks whose rows share a prefix, runs each chunk's prefix through the tower
-once (1 row) and only the rest of each prompt (its suffix: the label, the template's tail, the end token) per row,
-each suffix position attending to the prefix's keys and values of its layer and causally to its own suffix. The
-imagenet vocabulary then runs 4.6 tokens a prompt instead of 10.
+and pool at the end token, so a prefix's states do not depend on what follows it. This module groups the prompts
+by the tokens they open with (a trie: one group per template for ImageNet), cuts each group by length into chunks,
+runs each chunk's shared prefix through the tower once (1 row) and only the rest of each prompt (its suffix: the
+label, the template's tail, the end token) per row, each suffix position attending to the prefix's keys and values
+of its layer and causally to its own suffix. ImageNet's prompts then run 4.8 token rows each instead of 10: 1.45x
+the plain fp32 rate on ViT-B-32, 4.2x with bf16 products (benchmarks/vocabulary).
 
 The arithmetic is the tower's: the same layer norms, projections, attention and MLP, applied to fewer rows; what
 differs is only the order of floating-point sums in differently shaped products (tests/test_text_prefix.py:
