@@ -315,10 +315,10 @@ class Encoder:
     def encode_prompts(self, texts: Sequence[str], on_encoded: Callable[[int], None] | None = None) -> np.ndarray:
         """Unit vectors of many prompts at once (a vocabulary: app.zeroshot.class_embeddings), each prefix they share
         computed once (app.text_prefix; ``shares_prompt_prefixes`` must hold). The products run in bf16 where the
-        image tower's do (``CLIPSEARCH_INFERENCE=bf16``, or an indexing run under 'auto' on a CPU that multiplies
-        bf16 natively). ``on_encoded``: called with the number of prompts of each chunk done. Needs no lock: the
-        tower only reads the model."""
-        tower = PrefixTower.of(self.model, bf16=self.image_inference == BF16)
+        image tower's do (``CLIPSEARCH_INFERENCE=bf16``, or an indexing run under 'auto') and the CPU multiplies bf16
+        natively (emulated, bf16 would be slower than fp32). ``on_encoded``: called with the number of prompts of
+        each chunk done. Needs no lock: the tower only reads the model."""
+        tower = PrefixTower.of(self.model, bf16=self.image_inference == BF16 and native_bf16())
         if tower is None:
             raise ValueError(f"{self.spec.label}: its text tower cannot share prompt prefixes; use encode_texts")
         tokens = self.tokenizer(list(texts))
