@@ -89,29 +89,30 @@ class Bf16Linear(nn.Module):
     model stays fp32 (residual stream, layer norms, softmax): casting the whole tower to bf16 instead runs 5 %
     faster on ViT-B-32 but moves its vectors 10x further from fp32's (docs/PERFORMANCE.md, session 12)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Bf16Linear:
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x.to(torch.bfloat16), self.weight).float()
         return out if self.bias is None else out + self.bias
 
 
-def to_bf16_products(tower: nn.Module) -> int:
+def to_bf16_products(tower: nn.Module) -> None:
     """Run ``tower``'s matrix products in bf16: its self-attention modules become :class:`LinearSelfAttention`
-    (whose projections are plain linear layers), then every ``nn.Linear`` a :class:`Bf16Linear`. In place; returns
-    how many layers were converted. A ViT's products are almost all of its time; convolutions stay fp32."""
+    (whose projections are plain linear layers), then every ``nn.Linear`` a :class:`Bf16Linear`. In place. A ViT's
+    products are almost all of its time; convolutions stay fp32."""
     swap_self_attention(tower)
     layers = [(parent, name, child) for parent in tower.modules() for name, child in parent.named_children()]
-    converted = 0
     for parent, name, child in layers:
         if type(child) is nn.Linear:
-            setattr(parent, name, Bf16Linear(child))
-            converted += 1
-    return converted
+            setattr(parent, name, Bf16Linear.of(child))
 
 
 def swap_self_attention(model: nn.Module) -> int:

@@ -54,17 +54,8 @@ class _Block:
     mlp: Projection
 
 
-def _bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return Bf16Linear(layer)
-
-
 def _projection(layer: nn.Linear, bf16: bool) -> nn.Module:
-    return _bf16(layer.weight, layer.bias) if bf16 else layer
+    return Bf16Linear.of(layer) if bf16 else layer
 
 
 def _block(block: Any, bf16: bool) -> _Block | None:
@@ -86,7 +77,7 @@ def _block(block: Any, bf16: bool) -> _Block | None:
         and isinstance(attention.out_proj, nn.Linear)
     ):
         weight, bias = attention.in_proj_weight, attention.in_proj_bias
-        in_proj = _bf16(weight, bias) if bf16 else functools.partial(F.linear, weight=weight, bias=bias)
+        in_proj = Bf16Linear(weight, bias) if bf16 else functools.partial(F.linear, weight=weight, bias=bias)
     else:
         return None
     steps = list(block.mlp.children())
@@ -102,15 +93,15 @@ def _block(block: Any, bf16: bool) -> _Block | None:
 
 @dataclass(frozen=True)
 class PrefixTower:
-    """open_clip's CLIP text tower, taken apart to run shared prefixes once (``bf16``: its products in bfloat16)."""
+    """open_clip's CLIP text tower, taken apart to run shared prefixes once."""
 
     model: Any  # open_clip.model.CLIP
-    blocks: tuple[_Block, ...]
-    bf16: bool
+    blocks: tuple[_Block, ...]  # with bf16 copies of the products when built with ``bf16``
 
     @classmethod
     def of(cls, model: Any, *, bf16: bool = False) -> PrefixTower | None:
-        """The tower of ``model``, or None when it is not open_clip's causal CLIP text tower of plain blocks."""
+        """The tower of ``model`` (``bf16``: its products in bfloat16), or None when it is not open_clip's causal CLIP
+        text tower of plain blocks."""
         import open_clip
 
         if (
@@ -122,7 +113,7 @@ class PrefixTower:
         blocks = [_block(block, bf16) for block in model.transformer.resblocks]
         if not blocks or any(b is None for b in blocks):
             return None
-        return cls(model, tuple(b for b in blocks if b is not None), bf16)
+        return cls(model, tuple(b for b in blocks if b is not None))
 
     def encode(
         self, tokens: torch.Tensor, pooled_at: torch.Tensor, on_encoded: Callable[[int], None] | None = None

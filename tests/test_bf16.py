@@ -199,7 +199,7 @@ def test_bf16_runs_every_product_of_the_image_tower_in_bf16_and_nothing_else(tin
 def test_a_bf16_linear_layer_is_the_product_of_bf16_rounded_operands() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
-    layer = quantize.Bf16Linear(linear)
+    layer = quantize.Bf16Linear.of(linear)
     x = torch.randn(5, 64)
     with torch.inference_mode():
         got = layer(x)
