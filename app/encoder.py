@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import tempfile
@@ -93,6 +92,8 @@ class Encoder:
         ONNX Runtime."""
         import open_clip
 
+        from app.model_build import create_model_and_transforms
+
         if threads:
             set_cpu_threads(threads)
 
@@ -105,11 +106,8 @@ class Encoder:
         self.lane_threads = max(1, total_threads // self.image_lanes)
         image_threads = total_threads - self.image_lanes + 1 if self.image_lanes > 1 else 0
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name,
-                pretrained=spec.pretrained or None,
-                device=device,
-                cache_dir=str(cache_dir) if cache_dir else None,
+            model, _, preprocess = create_model_and_transforms(
+                spec, device=device, cache_dir=str(cache_dir) if cache_dir else None
             )
             # Multilingual models (xlm-roberta-*, nllb-clip-*) get open_clip's HFTokenizer here, and their
             # text tower is a Hugging Face model built from its config: both come through open_clip's own path.
@@ -128,6 +126,9 @@ class Encoder:
         if self.inference not in TORCH_MODES and export_in_background and inference == AUTO:
             background_mode, self.inference = self.inference, FP32  # torch until the export is done
         elif self.inference not in TORCH_MODES:
+            # an indexing run under 'auto' on a CPU with native bf16 runs the image tower on torch (_images_on_bf16):
+            # its export is kept for the service's start, but no ORT session is opened for it (0.3 s, ~100 MB)
+            images_bf16 = indexing and inference == AUTO and native_bf16()
             self._onnx = _load_onnx(
                 model,
                 spec,
@@ -136,6 +137,7 @@ class Encoder:
                 threads,
                 chosen=inference != AUTO,
                 image_threads=image_threads,
+                open_image=not images_bf16,
             )
             if self._onnx is None:
                 self.inference = FP32
@@ -159,15 +161,13 @@ class Encoder:
             return
         if self._onnx is not None:
             self._record_onnx_start(onnx_cache_dir)
-            if indexing and inference == AUTO and self._onnx.image is not None and native_bf16():
+            if self._onnx.image_unopened:
                 self._images_on_bf16()
         self.onnx_ready.set()
 
     def _images_on_bf16(self) -> None:
-        """Run the image tower's products in bf16 on torch instead of its ORT fp32 session, which is let go (the launch
-        record, written already, keeps the export for the service's start)."""
-        assert self._onnx is not None
-        self._onnx = dataclasses.replace(self._onnx, image=None)
+        """Run the image tower's products in bf16 on torch where ORT fp32 could have run it (its export, which has no
+        session here, is in the launch record written already, for the service's start)."""
         quantize(self.model, BF16)
         self._images_bf16 = True
         log.info("%s: the image tower's products run in bf16 (this CPU multiplies bf16 natively)", self.spec.label)
@@ -385,6 +385,7 @@ def _load_onnx(
     *,
     chosen: bool = True,
     image_threads: int = 0,
+    open_image: bool = True,
 ) -> Any | None:
     """ONNX Runtime sessions for ``model``'s towers (see app.onnx_backend), or None (with a warning saying
     why) when neither tower can run there: the encoder then stays on torch fp32."""
@@ -395,9 +396,17 @@ def _load_onnx(
         return None
     folder = cache_dir or Path(tempfile.gettempdir()) / "clipsearch-onnx"
     towers = load_towers(
-        model, spec.store_key, folder, mode, _image_size(model), threads, chosen=chosen, image_threads=image_threads
+        model,
+        spec.store_key,
+        folder,
+        mode,
+        _image_size(model),
+        threads,
+        chosen=chosen,
+        image_threads=image_threads,
+        open_image=open_image,
     )
-    if towers.text is None and towers.image is None:
+    if towers.text is None and not towers.image_exported:
         log.warning(
             "CLIPSEARCH_INFERENCE=%s: neither tower of %s runs on ONNX Runtime; using torch fp32", mode, spec.label
         )

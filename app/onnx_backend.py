@@ -276,20 +276,26 @@ def load_towers(
     *,
     chosen: bool = True,
     image_threads: int = 0,
+    open_image: bool = True,
 ) -> OnnxTowers:
     """Sessions for ``model``'s towers in ``mode`` (onnx | onnx-int8), exporting (and quantising) into
     ``cache_root/<key>/`` what is not there yet or does not load. ``threads``: intra-op threads of both sessions
     (0: torch's count); ``image_threads``, when set, those of the image tower's (the indexer's lanes). A tower
     that cannot be exported is None, with a warning saying why; a tower of a kind ONNX Runtime does not take (a
     Hugging Face text tower) is said at INFO level when the mode was not ``chosen`` by the user but picked by
-    CLIPSEARCH_INFERENCE=auto."""
+    CLIPSEARCH_INFERENCE=auto. With ``open_image`` false the image tower is exported where it is missing but given
+    no session (``OnnxTowers.image_unopened``): a cached file is then not loaded to check it, and a broken one is
+    found, and exported again, by the next start that opens it (a service's ONNX start falls back to torch's)."""
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown ONNX mode {mode!r}: use one of {', '.join(ONNX_MODES)}")
     folder = cache_root / cache_key(store_key, model)
 
-    def session(tower: str, export: Callable[[Path], None]) -> Any | None:
+    def session(tower: str, export: Callable[[Path], None], opened: bool = True) -> Any | None:
+        """The tower's session; with ``opened`` false, True once its file is there (exported if need be)."""
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
         tower_threads = image_threads if tower == "image" and image_threads else threads
+        if not opened and path.exists():
+            return True
         if path.exists():
             try:
                 return new_session(path, tower_threads)
@@ -309,7 +315,7 @@ def load_towers(
                 export(fp32_path)
                 if path != fp32_path:
                     quantize_file(fp32_path, path)
-            return new_session(path, tower_threads)
+            return new_session(path, tower_threads) if opened else True
         except OnnxExportError as exc:
             reason, level = str(exc), logging.WARNING if chosen else logging.INFO
         except Exception as exc:
@@ -318,5 +324,7 @@ def load_towers(
         return None
 
     text = session("text", lambda p: export_text_tower(model, p))
-    image = session("image", lambda p: export_image_tower(model, p, image_size))
+    image = session("image", lambda p: export_image_tower(model, p, image_size), opened=open_image)
+    if not open_image:
+        return OnnxTowers(mode=mode, folder=folder, text=text, image=None, image_unopened=image is True)
     return OnnxTowers(mode=mode, folder=folder, text=text, image=image)

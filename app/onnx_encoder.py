@@ -185,6 +185,14 @@ class OnnxTowers:
     folder: Path
     text: Any | None
     image: Any | None
+    #: the image tower is exported in ``folder`` but was given no session (an indexing run whose image tower runs on
+    #: torch bf16 keeps the export for the service's start without paying for a session it would not use)
+    image_unopened: bool = False
+
+    @property
+    def image_exported(self) -> bool:
+        """Whether the image tower is on disk in this mode (with a session or not)."""
+        return self.image is not None or self.image_unopened
 
     def encode_text(self, tokens: np.ndarray, pooled_at: np.ndarray) -> np.ndarray:
         """Text features (not normalised) of ``tokens`` (batch, length) pooled at ``pooled_at`` (batch,)."""
@@ -376,7 +384,7 @@ def write_launch_record(
     weights = weights_identity(spec)
     if weights is None:
         reasons.append("random weights change at every start")
-    if towers.text is None or towers.image is None:
+    if towers.text is None or not towers.image_exported:
         reasons.append("a tower stays on torch")
     if not encoder.supports_truncated_text:
         reasons.append("its text tower is not open_clip's causal one")

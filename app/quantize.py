@@ -20,6 +20,7 @@ from typing import TypeVar, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from app.errors import ModelLoadError
 
@@ -52,8 +53,9 @@ class LinearSelfAttention(nn.Module):
         self.scale = self.head_dim**-0.5  # SDPA's default, as a constant: an export computes it at run time otherwise
         self.batch_first = attention.batch_first
         bias = attention.in_proj_bias is not None
-        self.in_proj = nn.Linear(dim, 3 * dim, bias=bias)
-        self.out_proj = nn.Linear(dim, dim, bias=attention.out_proj.bias is not None)
+        # skip_init: no random fill of weights that are copied in below (ViT-B-32: 0.2 s per model)
+        self.in_proj = skip_init(nn.Linear, dim, 3 * dim, bias=bias)
+        self.out_proj = skip_init(nn.Linear, dim, dim, bias=attention.out_proj.bias is not None)
         with torch.no_grad():
             self.in_proj.weight.copy_(attention.in_proj_weight)
             if bias:

@@ -28,6 +28,7 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "http_search-auto": ("http_search", ["--inference", "auto"], ["--quick"]),
     "inference_backends": ("inference_backends", [], ["--quick"]),
     "vocabulary": ("vocabulary", [], ["--quick"]),
+    "model_load": ("model_load", [], ["--quick"]),
     "gpu_ingest": ("gpu_ingest", [], ["--quick"]),
 }
 #: benchmarks that need a GPU: skipped, saying so, on a machine without one

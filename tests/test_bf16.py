@@ -145,11 +145,22 @@ def test_auto_indexing_runs_images_on_bf16_where_the_cpu_multiplies_it(
     ORT image session let go), ORT fp32 elsewhere; the text tower on ORT either way, and the service's start keeps
     the image export in its launch record."""
     from app import encoder as encoder_module
+    from app import onnx_backend
     from app.onnx_encoder import OnnxEncoder
 
     monkeypatch.setattr(encoder_module, "native_bf16", lambda: native)
+    opened: list[str] = []
+    real_session = onnx_backend.new_session
+    monkeypatch.setattr(
+        onnx_backend, "new_session", lambda path, *a: opened.append(Path(path).name) or real_session(path, *a)
+    )
     settings = Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", inference="auto", data_dir=tmp_path)
-    indexing = Encoder.from_settings(settings, indexing=True)
+    for first_run in (True, False):  # exporting the towers, then finding them cached
+        opened.clear()
+        indexing = Encoder.from_settings(settings, indexing=True)
+        # no ORT session for an image tower that runs on torch bf16 (its export is still written, for the service)
+        assert opened == (["text.onnx"] if native else ["text.onnx", "image.onnx"]), first_run
+        assert indexing.image_inference == ("bf16" if native else "onnx")
     service = Encoder.from_settings(settings)
     assert indexing.inference == service.inference == service.image_inference == "onnx"
     assert indexing.image_inference == ("bf16" if native else "onnx")
