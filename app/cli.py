@@ -115,7 +115,7 @@ def index(
     **opts: Any,
 ) -> None:
     """Index (or update the index of) the images under PATHS."""
-    from app.encoder import Encoder
+    from app.encoder import Encoder, LazyEncoder
     from app.store import Store
     from indexer import Indexer, IndexSummary
 
@@ -127,10 +127,9 @@ def index(
         raise click.UsageError("--ray-address and --ray-workers go with --engine ray")
     settings = _settings(opts)
     store = Store(settings.effective_database_url)
-    encoder = Encoder.from_settings(settings, indexing=engine == "local")
     progress = not quiet and sys.stderr.isatty()
     if not paths:
-        click.echo(Indexer(settings, store, encoder, progress=progress).compact_index())
+        click.echo(Indexer(settings, store, LazyEncoder(settings), progress=progress).compact_index())
         return
     summary: IndexSummary
     try:
@@ -138,11 +137,13 @@ def index(
             from indexer.ray_engine import RayIndexer
 
             ray_indexer = RayIndexer(
-                settings, store, encoder, address=ray_address, workers=ray_workers, progress=progress
-            )
+                settings, store, Encoder.from_settings(settings), address=ray_address, workers=ray_workers,
+                progress=progress,
+            )  # fmt: skip
             summary = ray_indexer.run(list(paths), rebuild=rebuild, retry_failed=retry_failed, compact=compact)
         else:
-            indexer = Indexer(settings, store, encoder, progress=progress)
+            # the model is built only if some file is new or changed, or some image needs labels
+            indexer = Indexer(settings, store, LazyEncoder(settings, indexing=True), progress=progress)
             summary = indexer.run([Path(p) for p in paths], rebuild=rebuild, retry_failed=retry_failed, compact=compact)
     except KeyboardInterrupt:
         click.echo("interrupted: finished batches are saved; run the same command again to finish.", err=True)

@@ -26,19 +26,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize
 
 from app.pixels import FULL_SIZE_KEY, CropResize
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
+# torchvision's InterpolationMode values -> Pillow's filters (torchvision is imported only by fast_transform: with
+# the torch.compile machinery it pulls in, it took 2 s of a no-op `clipsearch index`, which otherwise needs no model)
 _PIL_FILTERS = {
-    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
-    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-    InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
-    InterpolationMode.BOX: Image.Resampling.BOX,
-    InterpolationMode.HAMMING: Image.Resampling.HAMMING,
-    InterpolationMode.NEAREST: Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
 }
 # the filters torch's uint8 antialiased resize computes as Pillow does (same kernels, same fixed point)
 _TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
@@ -103,6 +104,8 @@ class TorchCropResize:
 def fast_transform(transform: Transform) -> Transform:
     """A single-pass equivalent of open_clip's resize + centre-crop transform, or ``transform`` itself when it
     has another shape."""
+    from torchvision.transforms import CenterCrop, Compose, Normalize, Resize
+
     steps = list(getattr(transform, "transforms", [])) if isinstance(transform, Compose) else []
     names = [type(step).__name__ for step in steps]
     if names != ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"]:
@@ -116,10 +119,11 @@ def fast_transform(transform: Transform) -> Transform:
         or resize.max_size is not None
         or crop_size != (size, size)
         or getattr(convert, "mode", "RGB") != "RGB"
-        or resize.interpolation not in _PIL_FILTERS
+        or getattr(resize.interpolation, "value", None) not in _PIL_FILTERS
     ):
         return transform
-    return CenterCropResize(size, _PIL_FILTERS[resize.interpolation], normalize.mean, normalize.std, transform)
+    resample = _PIL_FILTERS[resize.interpolation.value]
+    return CenterCropResize(size, resample, normalize.mean, normalize.std, transform)
 
 
 def indexing_transform(transform: Transform) -> Transform:

@@ -426,6 +426,17 @@ class Store:
         with self._sessions() as session:
             return int(session.scalar(stmt) or 0)
 
+    def vector_dim(self, model: str) -> int | None:
+        """The length of the vectors stored for ``model`` (from one row), or None when none is stored."""
+        stmt = (
+            select(func.length(ImageRow.embedding))
+            .where(ImageRow.model == model, ImageRow.embedding.is_not(None))
+            .limit(1)
+        )
+        with self._sessions() as session:
+            size = session.scalar(stmt)
+        return None if size is None else int(size) // np.dtype("<f4").itemsize
+
     def iter_vectors(
         self, model: str, chunk: int = 10_000, *, stride: int = 1, after: int = 0, upto: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from app.config import Settings
 from app.dupes import ImageHashes
-from app.encoder import Encoder
+from app.encoder import Encoder, LazyEncoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
@@ -305,24 +305,35 @@ class Indexer:
         self,
         settings: Settings,
         store: Store,
-        encoder: Encoder,
+        encoder: Encoder | LazyEncoder,
         *,
         progress: bool = True,
         part_writer: PartWriter | None = None,
     ) -> None:
-        """``part_writer``: how an on-disk index build fills its parts (default: in this process, from the
-        store; the Ray engine passes its own)."""
+        """``encoder``: a ``LazyEncoder`` is built only if the run embeds or tags something. ``part_writer``: how an
+        on-disk index build fills its parts (default: in this process, from the store; the Ray engine passes its
+        own)."""
         self.settings = settings
         self.store = store
-        self.encoder = encoder
+        self._encoder = encoder
         self.progress = progress
         self.model_key = encoder.spec.store_key
-        self.draft_size = model_draft_size(encoder.image_size)
+        if isinstance(encoder, LazyEncoder) and encoder.known_dim is None:
+            encoder.known_dim = store.vector_dim(self.model_key)
         # Read (and validated) now, so that a bad vocabulary file fails before any image is processed.
         self.tagging = TaggingPlan.from_settings(settings)
         self.part_writer = part_writer or self._write_parts
         self._model_idle = threading.Event()  # cleared while a batch is embedded and committed (_decoders_paused)
         self._model_idle.set()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder (a lazy one is built here, on first use)."""
+        return self._encoder.get() if isinstance(self._encoder, LazyEncoder) else self._encoder
+
+    @functools.cached_property
+    def draft_size(self) -> int:
+        return model_draft_size(self.encoder.image_size)
 
     def run(
         self,
@@ -337,11 +348,13 @@ class Indexer:
         simply be started again: what was committed is not embedded twice. ``compact``: compact an on-disk
         index fully afterwards (it is otherwise compacted when its policy says so)."""
         started = time.perf_counter()
-        summary = IndexSummary(image_tower=self.image_tower_line())
+        summary = IndexSummary()
         found = scan(list(roots), exclude=[self.settings.data_dir])
         plan = self.plan(found, summary, retry_failed=retry_failed)
         touched: set[int] = set()
         self._process(plan, summary, touched, on_batch_committed)
+        if summary.embedded:
+            summary.image_tower = self.image_tower_line()
         self.finish(found, plan, summary, touched, rebuild=rebuild, compact=compact)
         summary.seconds = time.perf_counter() - started
         return summary
@@ -437,7 +450,7 @@ class Indexer:
         return tag_images(
             self.store,
             self.tagging,
-            self.encoder,
+            self._encoder,  # a lazy one is built only when some image needs labels
             self.model_key,
             cache_dir=classifier_cache_dir(self.settings),
             everything=everything,
@@ -700,6 +713,8 @@ class Indexer:
     def _process(
         self, plan: Plan, summary: IndexSummary, touched: set[int], on_batch_committed: BatchCallback | None
     ) -> None:
+        if not plan.todo:  # nothing new or changed: the model is not needed (a LazyEncoder stays unbuilt)
+            return
         batch: list[Prepared] = []
         others: list[Prepared] = []
         batches_done = 0
@@ -800,7 +815,7 @@ class Indexer:
         """Apply this run's changes to the saved index; rebuild from the store when they disagree,
         or when the catalog has grown past the size where another index type is chosen. An on-disk index
         is then compacted when its policy (or ``compact``) says so."""
-        spec = self.encoder.spec
+        spec = self._encoder.spec
         settings = self.settings
         index: VectorIndex | None = None
         if not rebuild:
@@ -814,7 +829,7 @@ class Indexer:
         wanted_kind = choose_kind(expected, settings.index_type, settings.ivf_min_vectors, settings.ondisk_min_vectors)
         if wanted_kind == ONDISK and expected == 0:
             wanted_kind = FLAT  # nothing to train centroids on yet: an empty exact index until there is
-        if index is not None and (index.dim != self.encoder.dim or index.kind != wanted_kind):
+        if index is not None and (index.dim != self._encoder.dim or index.kind != wanted_kind):
             log.info("switching the index to %s for %d vectors", wanted_kind, expected)
             index = None
         rebuilt = False
@@ -838,7 +853,7 @@ class Indexer:
 
     def compact_index(self) -> str:
         """Compact the saved on-disk index fully (every tombstone dropped, small shards merged), without a scan."""
-        spec = self.encoder.spec
+        spec = self._encoder.spec
         index, _ = VectorIndex.load(
             self.settings.index_dir, model=spec.name, pretrained=spec.pretrained, nprobe=self.settings.nprobe
         )
@@ -857,7 +872,7 @@ class Indexer:
         if kind == ONDISK:
             assert training is not None
             return build_from_store(self.settings, training, expected, self.part_writer)
-        index = VectorIndex.create(self.encoder.dim, kind, training, nprobe=self.settings.nprobe, count=expected)
+        index = VectorIndex.create(self._encoder.dim, kind, training, nprobe=self.settings.nprobe, count=expected)
         for chunk_ids, vectors in self.store.iter_vectors(self.model_key):
             index.add(chunk_ids, vectors)
         return index
@@ -873,7 +888,7 @@ class Indexer:
         rng = np.random.default_rng(0)
         keep = min(1.0, size / max(expected, 1))
         parts = [vectors[rng.random(len(vectors)) < keep] for _, vectors in self.store.iter_vectors(self.model_key)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return np.concatenate(parts) if parts else np.zeros((0, self._encoder.dim), dtype=np.float32)
 
     def _vectors_of(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         wanted = set(int(i) for i in ids)

@@ -46,6 +46,24 @@ def test_index_then_search_then_stats(runner: CliRunner, settings: Settings, pho
     assert info["images"]["indexed"] == 24 and info["index"]["count"] == 24 and info["schema_version"] == SCHEMA_VERSION
 
 
+def test_running_index_again_on_unchanged_files_loads_no_model(
+    runner: CliRunner, settings: Settings, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.encoder import Encoder
+
+    builds: list[bool] = []
+    real = Encoder.from_settings.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        Encoder, "from_settings", classmethod(lambda cls, *a, **k: builds.append(True) or real(cls, *a, **k))
+    )
+    args = ["index", str(photos[0].parent), *_args(settings)]
+    assert runner.invoke(main, args).exit_code == 0 and len(builds) == 1
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "unchanged 24" in result.output and "index holds 24 vectors" in result.output
+    assert len(builds) == 1  # the second run built no encoder
+
+
 def test_environment_settings_apply_and_flags_override_them(
     runner: CliRunner, settings: Settings, photos: list[Path], tmp_path: Path
 ) -> None:

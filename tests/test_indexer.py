@@ -402,3 +402,37 @@ def test_the_summary_gives_a_rate_only_when_images_were_embedded() -> None:
         busy.lines()[1] == "embedded 10 images in 2.0s (5.0 img/s on ONNX); tagged 10 in 1.0s; index holds 10 vectors"
     )
     assert IndexSummary(embedded=4, seconds=2.0).lines()[1].startswith("embedded 4 images in 2.0s (2.0 img/s); ")
+
+
+def test_a_run_with_nothing_to_embed_or_tag_never_builds_the_model(
+    settings: Settings, store: Store, photos: list[Path], tmp_path: Path
+) -> None:
+    """What a re-run of `clipsearch index` does: its LazyEncoder is built only when a file is new or changed, or
+    when some image needs labels (here: another tag vocabulary); the summary names the image tower only then."""
+    from app.encoder import LazyEncoder
+
+    folder = photos[0].parent
+    first_encoder = LazyEncoder(settings, indexing=True)
+    first = Indexer(settings, store, first_encoder, progress=False).run([folder])
+    assert first_encoder.built and (first.embedded, first.tagged) == (24, 24) and first.image_tower
+    manifest = read_manifest(settings.index_dir)
+
+    again = LazyEncoder(settings, indexing=True)
+    summary = Indexer(settings, store, again, progress=False).run([folder])
+    assert not again.built
+    assert (summary.unchanged, summary.embedded, summary.tagged, summary.index_count) == (24, 0, 0, 24)
+    assert summary.image_tower == "" and "embedded 0 images" in "\n".join(summary.lines())
+    assert again.dim == first_encoder.dim and not again.built  # the store's vectors say it
+    assert read_manifest(settings.index_dir) == manifest
+
+    other_tags = tmp_path / "other-tags.yaml"
+    other_tags.write_text("name: other-tags\ntemplates: single\nlabels: [dog, bicycle]\n")
+    relabelling = settings.with_overrides(tag_vocabulary=str(other_tags))
+    relabel = LazyEncoder(relabelling, indexing=True)
+    summary = Indexer(relabelling, store, relabel, progress=False).run([folder])
+    assert relabel.built and (summary.embedded, summary.tagged) == (0, 24)  # the text tower labels them
+
+    Image.open(photos[3]).convert("RGB").rotate(90).save(photos[3], "JPEG", quality=90)
+    changed = LazyEncoder(settings, indexing=True)
+    summary = Indexer(settings, store, changed, progress=False).run([folder])
+    assert changed.built and (summary.updated, summary.embedded) == (1, 1) and summary.image_tower

@@ -43,6 +43,10 @@ def test_rows_and_vectors_round_trip(any_store_url: str) -> None:
         assert store.counts() == {"indexed": 1, "failed": 1, "deleted": 0}
         assert store.failures() == [("/p/b.jpg", "corrupt image data")]
         assert store.count_indexed("m1") == 1 and store.count_indexed("m2") == 0
+        # what a LazyEncoder learns of its model's dimension without the model (bytes of a stored float32 vector)
+        assert store.vector_dim("m1") == 16 and store.vector_dim("m2") is None
+        store.save_results([_result("/p/c.jpg", "c" * 64, np.ones(512, dtype=np.float32))], "m2")
+        assert store.vector_dim("m2") == 512 and store.vector_dim("m1") == 16
     finally:
         store.close()
 
