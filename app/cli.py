@@ -115,7 +115,7 @@ def index(
     **opts: Any,
 ) -> None:
     """Index (or update the index of) the images under PATHS."""
-    from app.encoder import Encoder, LazyEncoder
+    from app.lazy_encoder import LazyEncoder
     from app.store import Store
     from indexer import Indexer, IndexSummary
 
@@ -134,6 +134,7 @@ def index(
     summary: IndexSummary
     try:
         if engine == "ray":
+            from app.encoder import Encoder
             from indexer.ray_engine import RayIndexer
 
             ray_indexer = RayIndexer(

@@ -345,46 +345,6 @@ class Encoder:
         )
 
 
-class LazyEncoder:
-    """An indexing run's encoder, built the first time something needs the model.
-
-    A run that finds every file unchanged embeds nothing and tags nothing: it then never builds the model (and never
-    imports open_clip), which was most of a no-op ``clipsearch index`` (about 6 s, of which 2-3 s the model and its
-    ONNX sessions and 2.5 s the imports open_clip pulls in). ``spec`` needs no model; ``dim`` is the model's once it is
-    built, else ``known_dim`` (the length of the vectors the store holds for it: ``Indexer`` sets it), else it
-    builds; any other attribute is the built encoder's. Bad model settings are then reported when the model is
-    first needed rather than before the scan."""
-
-    def __init__(self, settings: Settings, *, indexing: bool = False) -> None:
-        self.spec = ModelSpec.from_settings(settings)
-        self.known_dim: int | None = None
-        self._settings, self._indexing = settings, indexing
-        self._encoder: Encoder | None = None
-        self._building = threading.Lock()
-
-    @property
-    def built(self) -> bool:
-        return self._encoder is not None
-
-    def get(self) -> Encoder:
-        """The encoder, built on the first call (once, whichever thread asks first)."""
-        with self._building:
-            if self._encoder is None:
-                self._encoder = Encoder.from_settings(self._settings, indexing=self._indexing)
-            return self._encoder
-
-    @property
-    def dim(self) -> int:
-        if self._encoder is None and self.known_dim is not None:
-            return self.known_dim
-        return self.get().dim
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # never build for the interpreter's own probes (copy, pickle) or in __init__
-            raise AttributeError(name)
-        return getattr(self.get(), name)
-
-
 def _encode_text_truncated(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text on the first L positions only, L = the last pooled position + 1.
 

@@ -13,29 +13,32 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import faiss
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from app.config import Settings
 from app.dupes import ImageHashes
-from app.encoder import Encoder, LazyEncoder
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
 from app.index_ondisk import OnDiskIndex
+from app.lazy_encoder import LazyEncoder
 from app.onnx_encoder import default_threads
-from app.preprocess import indexing_transform
 from app.store import FileState, ImageResult, ImageStatus, Store
 from app.tagging import TaggingPlan, tag_images
 from app.zeroshot import classifier_cache_dir
-from indexer.device_jpeg import DeviceJpegLane, LaneItem, is_jpeg
 from indexer.ondisk import PartWriter, build_from_store, maybe_compact, write_store_parts
 from indexer.walk import FileInfo, ScanResult, is_under, scan
+
+if TYPE_CHECKING:  # torch and the model's modules are imported when a run has something to embed (LazyEncoder)
+    import torch
+
+    from app.encoder import Encoder
+    from indexer.device_jpeg import DeviceJpegLane, LaneItem
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +232,8 @@ def stack_pixels(pixels: list[torch.Tensor], device: torch.device | None) -> tor
     """One (N, C, H, W) batch of per-photo pixels, in order, on ``device`` when that is a GPU. There, pixels
     prepared on the CPU are stacked into pinned (page-locked) memory and sent in one non-blocking copy, and
     those the device lane prepared (already on the GPU) stay where they are; elsewhere, a plain stack."""
+    import torch
+
     if device is None or device.type != "cuda":
         return torch.stack([p.cpu() for p in pixels])
     host = [i for i, p in enumerate(pixels) if p.device.type == "cpu"]
@@ -368,6 +373,8 @@ class Indexer:
     @functools.cached_property
     def prepare_options(self) -> PrepareOptions:
         """Built once per indexer: ``_prepare`` reads it for every file."""
+        from app.preprocess import indexing_transform
+
         return PrepareOptions(
             self.settings.max_image_pixels, self.draft_size, indexing_transform(self.encoder.preprocess)
         )
@@ -500,6 +507,10 @@ class Indexer:
     def device_lane(self) -> DeviceJpegLane | None:
         """The lane that decodes JPEGs in batches on the model's device (CLIPSEARCH_JPEG_DECODER), or None."""
         mode = self.settings.jpeg_decoder
+        import torch
+
+        from indexer.device_jpeg import DeviceJpegLane
+
         device = getattr(self.encoder, "device", None) or torch.device("cpu")
         if mode == "pillow" or (mode == "auto" and device.type != "cuda"):
             return None
@@ -545,6 +556,8 @@ class Indexer:
         cannot decode goes back to the CPU path, which reports it as it would without the lane. Once every file is
         read, the workers take back the queued files the lane has not started on, so neither lane waits on the
         other at the end."""
+        from indexer.device_jpeg import LaneItem, is_jpeg
+
         batch_size = self.settings.batch_size
         workers = self.decode_workers
         options = self.prepare_options
@@ -701,6 +714,8 @@ class Indexer:
                 out.put(_LaneEnd(error))
 
         threads = [threading.Thread(target=lane, name=f"lane-{i}", daemon=True) for i in range(self.encode_lanes)]
+        import torch
+
         threads_before = torch.get_num_threads()
         try:
             yield from _results_of(threads, out)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,13 @@ def test_running_index_again_on_unchanged_files_loads_no_model(
     assert result.exit_code == 0, result.output
     assert "unchanged 24" in result.output and "index holds 24 vectors" in result.output
     assert len(builds) == 1  # the second run built no encoder
+    # nor, in a process of its own, imported torch or open_clip (1.5 and 2.5 s of imports on a 2-core CPU)
+    code = (
+        "import json, sys; from app.cli import main; main(sys.argv[1:], standalone_mode=False); "
+        "print(json.dumps([m in sys.modules for m in ('torch', 'open_clip', 'torchvision')]))"
+    )
+    run = subprocess.run([sys.executable, "-c", code, *args, "--quiet"], capture_output=True, text=True, check=True)
+    assert "unchanged 24" in run.stdout and json.loads(run.stdout.splitlines()[-1]) == [False, False, False]
 
 
 def test_environment_settings_apply_and_flags_override_them(

@@ -409,7 +409,7 @@ def test_a_run_with_nothing_to_embed_or_tag_never_builds_the_model(
 ) -> None:
     """What a re-run of `clipsearch index` does: its LazyEncoder is built only when a file is new or changed, or
     when some image needs labels (here: another tag vocabulary); the summary names the image tower only then."""
-    from app.encoder import LazyEncoder
+    from app.lazy_encoder import LazyEncoder
 
     folder = photos[0].parent
     first_encoder = LazyEncoder(settings, indexing=True)
