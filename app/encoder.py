@@ -118,7 +118,6 @@ class Encoder:
         # int8 and bf16 keep the weights' embedding space (same model, same manifest), approximated (~1e-3, ~1e-5).
         self.inference = check_inference(resolve_inference(inference, spec, on_cpu=device.type == "cpu"), device)
         model = quantize(model, self.inference)
-        self._images_bf16 = False  # an indexing encoder under 'auto' on a CPU with native bf16 (see above)
         # The ONNX modes run ONNX Runtime on an export of the fp32 model; a tower it cannot take stays on torch.
         self._onnx: Any | None = None
         self.onnx_ready = threading.Event()  # set once the ONNX towers are in use, or will not be
@@ -169,7 +168,6 @@ class Encoder:
         """Run the image tower's products in bf16 on torch where ORT fp32 could have run it (its export, which has no
         session here, is in the launch record written already, for the service's start)."""
         quantize(self.model, BF16)
-        self._images_bf16 = True
         log.info("%s: the image tower's products run in bf16 (this CPU multiplies bf16 natively)", self.spec.label)
 
     def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
@@ -249,8 +247,9 @@ class Encoder:
     @property
     def image_inference(self) -> str:
         """The mode the image tower runs in: ``inference``'s, 'bf16' for an indexing encoder under 'auto' on a CPU
-        with native bf16, or 'fp32' for a tower ONNX Runtime could not take."""
-        if self._images_bf16:
+        with native bf16 (its image export has no session: _images_on_bf16), or 'fp32' for a tower ONNX Runtime
+        could not take."""
+        if self._onnx is not None and self._onnx.image_unopened:
             return BF16
         if self._onnx is not None and self._onnx.image is not None:
             return str(self._onnx.mode)
