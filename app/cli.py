@@ -183,7 +183,7 @@ def search(query: str | None, image: Path | None, k: int, as_json: bool, **opts:
 
     if (query is None) == (image is None):
         raise click.UsageError("give either a text QUERY or --image FILE (one of them)")
-    service = open_service(_settings(opts))
+    service = open_service(_settings(opts), lazy_towers=True)
     if image is not None:
         _print_hits(service.search_image_file(image, k), as_json, str(image))
     else:
@@ -201,7 +201,7 @@ def similar(image_id: int, k: int, as_json: bool, **opts: Any) -> None:
     """Images most like the indexed image IMAGE_ID (itself excluded)."""
     from app.search import open_service
 
-    service = open_service(_settings(opts))
+    service = open_service(_settings(opts), lazy_towers=True)
     _print_hits(service.similar(image_id, k), as_json, f"similar to #{image_id}")
 
 
@@ -414,7 +414,7 @@ def dupes(under: Path | None, min_verdict: str, neighbours: int, as_json: bool, 
     from app.search import open_service
 
     settings = _settings(opts)
-    service = open_service(settings, require_index=False)
+    service = open_service(settings, require_index=False, lazy_towers=True)
     finder = DupeService(settings, service)
     progress = _StageProgress(not quiet and not as_json and sys.stderr.isatty())
     try:

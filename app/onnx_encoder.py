@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from app.config import Settings
+from app.errors import ModelLoadError
 from app.model_spec import LOCAL_DIR_PREFIX, ModelSpec
 from app.pixels import CropResize
 
@@ -214,7 +215,9 @@ class OnnxEncoder:
     hf_text_model: str | None = None
     supports_truncated_text = True
 
-    def __init__(self, spec: ModelSpec, record: LaunchRecord, threads: int = 0) -> None:
+    def __init__(self, spec: ModelSpec, record: LaunchRecord, threads: int = 0, *, lazy: bool = False) -> None:
+        """``lazy``: open each tower's session when it is first used (a one-off command: ``clipsearch similar``
+        uses neither, ``search "text"`` only the text tower), not both now (a server, ready for any query)."""
         from app.clip_tokenizer import ClipTokenizer
 
         self.spec = spec
@@ -223,6 +226,12 @@ class OnnxEncoder:
         self.dim = record.dim
         self.image_size = record.image_size
         self.crop = record.crop
+        self._threads = threads
+        self._lock = threading.Lock()  # one model call at a time, as the torch encoder does
+        self.towers = OnnxTowers(mode=record.mode, folder=Path(record.text_file[0]).parent, text=None, image=None)
+        if lazy:
+            self.tokenizer = ClipTokenizer(Path(record.vocab_file), record.context_length)
+            return
         # The two sessions are built on two threads: ORT's graph optimisation releases the GIL.
         sessions: dict[str, Any] = {}
         errors: list[BaseException] = []
@@ -240,15 +249,27 @@ class OnnxEncoder:
         image_thread.join()
         if errors:
             raise errors[0]
-        self.towers = OnnxTowers(
-            mode=record.mode, folder=Path(record.text_file[0]).parent, text=sessions["text"], image=sessions["image"]
-        )
-        self._lock = threading.Lock()  # one model call at a time, as the torch encoder does
+        self.towers.text, self.towers.image = sessions["text"], sessions["image"]
+
+    def _opened(self, tower: str) -> OnnxTowers:
+        """The towers with ``tower``'s session open: a lazy encoder opens it here, at its first use (hold _lock)."""
+        if getattr(self.towers, tower) is None:
+            path = Path((self.record.text_file if tower == "text" else self.record.image_file)[0])
+            started = time.perf_counter()
+            try:
+                setattr(self.towers, tower, new_session(path, self._threads))
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"the exported {tower} tower {path} cannot be loaded ({exc}): delete that file and run the "
+                    "command again (the tower is then exported anew)"
+                ) from exc
+            log.info("ONNX %s tower opened in %.2fs", tower, time.perf_counter() - started)
+        return self.towers
 
     @classmethod
-    def open(cls, settings: Settings) -> OnnxEncoder | None:
+    def open(cls, settings: Settings, *, lazy: bool = False) -> OnnxEncoder | None:
         """The encoder from a valid launch record for ``settings``, or None (with the reason logged) when the
-        service must start through torch."""
+        service must start through torch. ``lazy``: its sessions open at first use (see __init__)."""
         if settings.inference not in (*ONNX_MODES, AUTO):
             return None
         if settings.device == "cuda" or (settings.device == "auto" and Path("/proc/driver/nvidia/version").exists()):
@@ -275,7 +296,7 @@ class OnnxEncoder:
             return None
         started = time.perf_counter()
         try:
-            encoder = cls(spec, record, settings.torch_threads)
+            encoder = cls(spec, record, settings.torch_threads, lazy=lazy)
         except Exception as exc:  # noqa: BLE001 - a file that no longer loads: torch re-exports it
             log.warning("the ONNX start of %s failed (%s): starting through torch", spec.label, exc)
             return None
@@ -308,7 +329,7 @@ class OnnxEncoder:
             pooled_at = self.pooled_positions(tokens)
             length = int(pooled_at.max()) + 1 if truncate else tokens.shape[1]
             with self._lock:
-                out.append(normalise(self.towers.encode_text(tokens[:, :length], pooled_at)))
+                out.append(normalise(self._opened("text").encode_text(tokens[:, :length], pooled_at)))
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
@@ -319,7 +340,7 @@ class OnnxEncoder:
     def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
         """A batch of preprocessed images (N, 3, H, W) as (N, dim) unit vectors."""
         with self._lock:
-            features = self.towers.encode_image(batch)
+            features = self._opened("image").encode_image(batch)
         return normalise(features)
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
@@ -343,11 +364,14 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def load_encoder(settings: Settings, *, export_in_background: bool = False) -> Encoder | OnnxEncoder:
+def load_encoder(
+    settings: Settings, *, export_in_background: bool = False, lazy_towers: bool = False
+) -> Encoder | OnnxEncoder:
     """The service's encoder: the ONNX start when a valid launch record allows it, else torch's. With
     ``export_in_background`` (a server), a first start under 'auto' does not wait for the export: it serves on
-    torch meanwhile (Encoder.onnx_ready); one-off commands export first, so that the export is kept."""
-    light = OnnxEncoder.open(settings)
+    torch meanwhile (Encoder.onnx_ready); one-off commands export first, so that the export is kept.
+    ``lazy_towers`` (one-off commands): the ONNX start opens each tower's session at its first use."""
+    light = OnnxEncoder.open(settings, lazy=lazy_towers)
     if light is not None:
         return light
     from app.encoder import Encoder

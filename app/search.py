@@ -770,16 +770,18 @@ def open_service(
     require_index: bool = True,
     preload: IndexPreload | None = None,
     export_in_background: bool = False,
+    lazy_towers: bool = False,
 ) -> SearchService:
     """Load the model, open the store and the index named by the settings (from ``preload`` if given:
     the index read meanwhile on a background thread). ``export_in_background``: a long-running server under
-    'auto' serves on torch while the towers are exported the first time (app.onnx_encoder.load_encoder)."""
+    'auto' serves on torch while the towers are exported the first time (app.onnx_encoder.load_encoder).
+    ``lazy_towers`` (a one-off command): an ONNX start opens a tower's session only when a query needs it."""
     store = Store(settings.effective_database_url)
     try:
         # The count /readyz reports is a table scan (~0.5 s at 1M rows): it runs while the model loads.
         store_key = ModelSpec.from_settings(settings).store_key
         counting = in_background(lambda: store.count_indexed(store_key), name="count-indexed")
-        encoder = load_encoder(settings, export_in_background=export_in_background)
+        encoder = load_encoder(settings, export_in_background=export_in_background, lazy_towers=lazy_towers)
         service = SearchService(settings, encoder, store, images_counting=counting)
         if require_index:
             service.load_index(preload)

@@ -17,9 +17,11 @@ from fastapi.testclient import TestClient
 from app.api import create_app
 from app.config import Settings
 from app.encoder import Encoder
+from app.errors import ModelLoadError
 from app.imaging import decode_image, model_draft_size
 from app.model_spec import ModelSpec
 from app.onnx_encoder import LaunchRecord, OnnxEncoder, load_encoder, record_path, weights_identity
+from app.search import open_service
 from tests.api.conftest import api_settings, build_index
 from tests.helpers import copy_photos, register_tiny_architecture, save_local_dir_model
 
@@ -66,6 +68,49 @@ def test_a_torch_start_records_and_the_next_start_gives_the_same_vectors(
     np.testing.assert_array_equal(np.stack([light.preprocess_image(im) for im in images]), torch_pixels)
     np.testing.assert_allclose(light.encode_images(images), torch_encoder.encode_images(images), rtol=0, atol=1e-6)
     assert light.encode_images([]).shape == (0, 256) and light.encode_texts([]).shape == (0, 256)
+
+
+def test_a_lazy_start_opens_each_tower_at_its_first_use(tmp_path: Path, model_dir: Path, shared_data: Path) -> None:
+    # One-off commands (clipsearch similar / search / dupes) open only the sessions their query needs.
+    settings = onnx_settings(tmp_path / "data", model_dir, "onnx")
+    load_encoder(settings)  # the torch start exports and records
+    eager = load_encoder(settings)
+    lazy = load_encoder(settings, lazy_towers=True)
+    assert isinstance(eager, OnnxEncoder) and isinstance(lazy, OnnxEncoder)
+    assert eager.towers.text is not None and eager.towers.image is not None
+    assert (lazy.towers.text, lazy.towers.image) == (None, None)
+    np.testing.assert_array_equal(lazy.encode_texts(TEXTS), eager.encode_texts(TEXTS))
+    assert lazy.towers.text is not None and lazy.towers.image is None
+    images = photos(shared_data, 4)
+    np.testing.assert_array_equal(lazy.encode_images(images), eager.encode_images(images))
+    assert lazy.towers.image is not None
+
+    # a tower file broken after the start is reported when it is first needed, saying what to do
+    broken = load_encoder(settings, lazy_towers=True)
+    assert isinstance(broken, OnnxEncoder)
+    image_file = Path(broken.record.image_file[0])
+    image_file.write_bytes(b"\0" * image_file.stat().st_size)
+    with pytest.raises(ModelLoadError, match="image tower .* cannot be loaded .* delete that file"):
+        broken.encode_images(images)
+    np.testing.assert_array_equal(broken.encode_texts(TEXTS[:1]), eager.encode_texts(TEXTS[:1]))
+
+    # the service a command opens: `similar` needs neither tower, and finds what an eager service finds
+    command = api_settings(tmp_path / "cmd", model_dir, inference="onnx")
+    copy_photos(tmp_path / "catalog", 6)
+    build_index(command, Encoder.from_settings(command), [tmp_path / "catalog"])
+    load_encoder(command)  # exports and records for this data dir
+    found = []
+    for lazy_towers in (True, False):
+        service = open_service(command, lazy_towers=lazy_towers)
+        try:
+            assert isinstance(service.encoder, OnnxEncoder)
+            image_id = min(state.id for state in service.store.file_states().values())
+            found.append([(hit.id, round(hit.score, 6)) for hit in service.similar(image_id, 3)])
+            opened = (service.encoder.towers.text is not None, service.encoder.towers.image is not None)
+            assert opened == ((False, False) if lazy_towers else (True, True))
+        finally:
+            service.store.close()
+    assert found[0] == found[1] and len(found[0]) == 3
 
 
 def test_the_service_starts_without_importing_torch(tmp_path: Path, model_dir: Path) -> None:
