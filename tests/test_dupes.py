@@ -211,26 +211,33 @@ def test_group_duplicates_joins_chains_and_ignores_similar_pairs() -> None:
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
-def test_pixel_digest_is_sha256_of_the_whole_rgb_image(mode: str, fruits: Image.Image) -> None:
-    # Hashed in bands of rows (DIGEST_BAND_BYTES): the digest must be that of the size and every RGB byte at once,
-    # for an image of many bands with a short last one, and for one that fits a single band.
+def test_pixel_digest_is_sha256_of_the_whole_rgb_image(
+    mode: str, fruits: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large images are hashed in bands of rows: the digest must be that of the size and every RGB byte at once,
+    # for an image of many bands with a short last one, and for one hashed at once.
     import hashlib
 
     from app.dupes import features
 
-    wide = fruits.resize((1501, 997)).convert(mode)  # 17 bands of 58 rows and a last one of 11
-    assert wide.height % (features.DIGEST_BAND_BYTES // (3 * wide.width)) == 11
-    small = fruits.resize((40, 30)).convert(mode)  # one band
-    for image in (wide, small):
+    wide = fruits.resize((1501, 997)).convert(mode)  # 4.5 MB packed: hashed at once by default
+    small = fruits.resize((40, 30)).convert(mode)
+
+    def whole(image: Image.Image) -> str:
         rgb = image.convert("RGB")
-        whole = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
-        assert features.pixel_digest(image) == whole
+        return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
+
+    at_once = features.pixel_digest(wide)
+    assert at_once == whole(wide) and features.pixel_digest(small) == whole(small)
+    monkeypatch.setattr(features, "DIGEST_BANDS_ABOVE", 1 << 20)  # now in 17 bands of 58 rows and one of 11
+    assert wide.height % (features.DIGEST_BAND_BYTES // (3 * wide.width)) == 11
+    assert features.pixel_digest(wide) == at_once and features.pixel_digest(small) == whole(small)
     # every band counts: the first pixel and the last one (in the short last band)
     for xy in ((0, 0), (wide.width - 1, wide.height - 1)):
         edited = wide.copy()
         value = edited.getpixel(xy)
         edited.putpixel(xy, 255 - value if mode == "L" else tuple(255 - v for v in value))
-        assert features.pixel_digest(edited) != features.pixel_digest(wide)
+        assert features.pixel_digest(edited) == whole(edited) != at_once
 
 
 def test_prepared_image_survives_serialisation(fruits: Image.Image) -> None:

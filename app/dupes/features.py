@@ -29,9 +29,11 @@ SOFT_FAST_THRESHOLD = 4
 #: Longest side of the grey thumbnail used to check that aligned pixels agree.
 THUMB_SIZE = 256
 DESCRIPTOR_BYTES = 32
-#: Packed RGB bytes per band of rows that pixel_digest hashes at once: small enough to stay in a core's L2 cache
-#: (a 12 MP photo on Zen 4: 64 KB bands took 31-34 ms, 256 KB 29-32, 1 MB 28, 3 MB 88-112, the whole image 71-78).
+#: pixel_digest hashes an image whose packed RGB bytes exceed DIGEST_BANDS_ABOVE a band of DIGEST_BAND_BYTES at a
+#: time. A 12 MP photo's 36 MB copy at once took 49-78 ms (Zen 4), bands of 64 KB 31-34 ms, 256 KB 29-32, 1 MB 28,
+#: 3 MB 88-112; at 1-10 MP the copy at once was 3-10 % faster than bands (the allocation is reused, not mapped anew).
 DIGEST_BAND_BYTES = 1 << 18
+DIGEST_BANDS_ABOVE = 16 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,17 +130,17 @@ def _encode_thumb(grey: np.ndarray) -> np.ndarray:
 def pixel_digest(image: Image.Image) -> str:
     """sha256 of the decoded RGB pixels and the size: equal digests mean identical pixels.
 
-    The pixels are hashed a band of rows at a time, each band packed by ``tobytes`` while it is still in the
-    cache: the same bytes in the same order as one ``tobytes`` of the whole image (rows are contiguous), so the
-    same digest, in 29-32 ms instead of 71-78 for a 12 MP photo (no 36 MB copy to write, then read back).
+    A large image is hashed a band of rows at a time, each band packed by ``tobytes`` and hashed while it is in
+    the cache: the same bytes in the same order as one ``tobytes`` of the whole image (rows are contiguous), so
+    the same digest, without writing a copy of the whole picture first (see DIGEST_BANDS_ABOVE).
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
     width, height = rgb.size
-    rows = max(1, DIGEST_BAND_BYTES // max(1, 3 * width))
-    if rows >= height:
+    if 3 * width * height <= DIGEST_BANDS_ABOVE:
         digest.update(rgb.tobytes())
     else:
+        rows = max(1, DIGEST_BAND_BYTES // (3 * width))
         for top in range(0, height, rows):
             digest.update(rgb.crop((0, top, width, min(top + rows, height))).tobytes())
     return digest.hexdigest()
