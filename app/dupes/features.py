@@ -31,7 +31,7 @@ THUMB_SIZE = 256
 DESCRIPTOR_BYTES = 32
 #: pixel_digest hashes an image whose packed RGB bytes exceed DIGEST_BANDS_ABOVE a band of DIGEST_BAND_BYTES at a
 #: time. A 12 MP photo's 36 MB copy at once took 49-78 ms (Zen 4), bands of 64 KB 31-34 ms, 256 KB 29-32, 1 MB 28,
-#: 3 MB 88-112; at 1-10 MP the copy at once was 3-10 % faster than bands (the allocation is reused, not mapped anew).
+#: 3 MB 88-112; at 1-10 MP the copy at once was 3-10 % faster than bands (likely: memory reused, not mapped anew).
 DIGEST_BAND_BYTES = 1 << 18
 DIGEST_BANDS_ABOVE = 16 << 20
 
