@@ -75,7 +75,7 @@ class LinearSelfAttention(nn.Module):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise ValueError("LinearSelfAttention only computes self-attention (key and value must be the query)")
         x = query if self.batch_first else query.transpose(0, 1)
-        qkv = self.in_proj(x)
+        qkv = self._qkv(x)
         # (3, batch, heads, length, head_dim) in one transpose
         q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA's convention: True = masked out
@@ -83,6 +83,9 @@ class LinearSelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, scale=self.scale).transpose(1, 2)
         out = self.out_proj(out.reshape(out.shape[0], out.shape[1], self.num_heads * self.head_dim))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_proj(x)
 
 
 class Bf16Linear(nn.Module):
@@ -102,17 +105,76 @@ class Bf16Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x.to(torch.bfloat16), self.weight).float()
-        return out if self.bias is None else out + self.bias
+        out = F.linear(x.to(torch.bfloat16), self.weight)
+        # fp32 bias: the add promotes (one pass over the product, the same values as ``out.float() + bias``)
+        return out.float() if self.bias is None else torch.add(out, self.bias)
+
+    def bf16_bias(self) -> torch.Tensor | None:
+        """The bias rounded to bfloat16, for a product whose result stays in bf16 (oneDNN adds it in fp32)."""
+        return None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+
+
+class Bf16SelfAttention(LinearSelfAttention):
+    """:class:`LinearSelfAttention` in bfloat16 between its projections: q, k and v come out of the input
+    projection in bf16 (its bias added by oneDNN in fp32 before rounding), attention runs on them (the CPU kernel
+    accumulates in fp32) and its bf16 result goes straight into the output projection, whose result is fp32 again.
+    Casting those activations to fp32 and back cost more than the products themselves on a CPU with AMX."""
+
+    in_bias_bf16: torch.Tensor | None
+
+    def __init__(self, attention: LinearSelfAttention) -> None:
+        nn.Module.__init__(self)
+        self.num_heads, self.head_dim, self.scale = attention.num_heads, attention.head_dim, attention.scale
+        self.batch_first = attention.batch_first
+        self.in_proj = Bf16Linear.of(attention.in_proj)
+        self.out_proj = Bf16Linear.of(attention.out_proj)
+        self.register_buffer("in_bias_bf16", self.in_proj.bf16_bias(), persistent=False)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.in_proj.weight, self.in_bias_bf16)
+
+
+class Bf16Mlp(nn.Module):
+    """A transformer block's MLP (linear, activation, linear; open_clip's ``c_fc``, ``gelu``, ``c_proj``) with its
+    hidden layer in bfloat16: the first product's bf16 result, bias included, goes through the activation and into
+    the second product without a round trip to fp32 (the widest activations of a ViT: 4x its width)."""
+
+    fc_bias_bf16: torch.Tensor | None
+
+    def __init__(self, fc: nn.Linear, activation: nn.Module, proj: nn.Linear) -> None:
+        super().__init__()
+        self.c_fc, self.activation, self.c_proj = Bf16Linear.of(fc), activation, Bf16Linear.of(proj)
+        self.register_buffer("fc_bias_bf16", self.c_fc.bf16_bias(), persistent=False)
+
+    @staticmethod
+    def parts(module: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear] | None:
+        """(first linear, activation, second linear) of a plain MLP ``nn.Sequential``, else None."""
+        if not isinstance(module, nn.Sequential) or len(module) != 3:
+            return None
+        fc, activation, proj = module
+        if type(fc) is not nn.Linear or type(proj) is not nn.Linear or any(True for _ in activation.parameters()):
+            return None
+        return fc, activation, proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation(F.linear(x.to(torch.bfloat16), self.c_fc.weight, self.fc_bias_bf16))
+        return self.c_proj(hidden)
 
 
 def to_bf16_products(tower: nn.Module) -> None:
-    """Run ``tower``'s matrix products in bf16: its self-attention modules become :class:`LinearSelfAttention`
-    (whose projections are plain linear layers), then every ``nn.Linear`` a :class:`Bf16Linear`. In place. A ViT's
-    products are almost all of its time; convolutions stay fp32."""
+    """Run ``tower``'s matrix products in bf16, in place: its self-attention modules become
+    :class:`Bf16SelfAttention` and its plain MLPs :class:`Bf16Mlp` (their activations between the products stay
+    bf16), then every other ``nn.Linear`` a :class:`Bf16Linear`. The residual stream and the layer norms stay fp32;
+    convolutions too. A ViT's products are almost all of its time without AMX; with it, the fp32 round trips of the
+    activations around them were half of it (docs/PERFORMANCE.md, session 16)."""
     swap_self_attention(tower)
     layers = [(parent, name, child) for parent in tower.modules() for name, child in parent.named_children()]
     for parent, name, child in layers:
+        if type(child) is LinearSelfAttention:
+            setattr(parent, name, Bf16SelfAttention(child))
+        elif (mlp := Bf16Mlp.parts(child)) is not None:
+            setattr(parent, name, Bf16Mlp(*mlp))
+    for parent, name, child in [(p, n, c) for p in tower.modules() for n, c in p.named_children()]:
         if type(child) is nn.Linear:
             setattr(parent, name, Bf16Linear.of(child))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.quantize import Bf16Linear, LinearSelfAttention
+from app.quantize import Bf16Linear, Bf16Mlp, LinearSelfAttention
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,7 +84,7 @@ def _block(block: Any, bf16: bool) -> _Block | None:
     if len(steps) != 3 or type(steps[0]) is not nn.Linear or type(steps[2]) is not nn.Linear:
         return None  # int8 or another MLP: the caller encodes as usual
     fc, act, proj = steps
-    mlp = nn.Sequential(_projection(fc, True), act, _projection(proj, True)) if bf16 else block.mlp
+    mlp = Bf16Mlp(fc, act, proj) if bf16 else block.mlp
     return _Block(
         block.ln_1, block.ln_2, block.ls_1, block.ls_2, attention.num_heads,
         in_proj, _projection(attention.out_proj, bf16), mlp,

@@ -219,3 +219,75 @@ def test_a_bf16_linear_layer_is_the_product_of_bf16_rounded_operands() -> None:
     assert got.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
     torch.testing.assert_close(got, rounded, atol=2e-2, rtol=1e-2)  # the product's own rounding to bf16 only
     assert 0 < float((got - exact).abs().max()) < 0.05
+
+
+def test_bf16_keeps_the_activations_between_its_products_in_bf16(tiny_model_dir: Path) -> None:
+    """Each block's attention and MLP hand bf16 from one product to the next (the residual stream and the layer
+    norms stay fp32), and the tower still computes what the fp32 one does."""
+    import open_clip
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model(f"local-dir:{tiny_model_dir}").visual.eval()
+    tower = open_clip.create_model(f"local-dir:{tiny_model_dir}").visual.eval()
+    tower.load_state_dict(reference.state_dict())
+    quantize.to_bf16_products(tower)
+    blocks = list(tower.transformer.resblocks)
+    assert blocks and all(
+        isinstance(b.attn, quantize.Bf16SelfAttention) and isinstance(b.mlp, quantize.Bf16Mlp) for b in blocks
+    )
+    assert not any(type(m) is nn.Linear for m in tower.modules())  # every other product is a Bf16Linear
+    seen: dict[str, set[torch.dtype]] = {"activation in": set(), "out_proj in": set(), "block out": set()}
+
+    def record(name: str, value: torch.Tensor) -> None:
+        seen[name].add(value.dtype)
+
+    for block in blocks:
+        block.mlp.activation.register_forward_hook(lambda _m, args, _o: record("activation in", args[0]))
+        block.attn.out_proj.register_forward_hook(lambda _m, args, _o: record("out_proj in", args[0]))
+        block.register_forward_hook(lambda _m, _a, out: record("block out", out))
+    pixels = torch.randn(6, 3, *reference.image_size)
+    with torch.inference_mode():
+        ours, ref = tower(pixels), reference(pixels)
+    assert seen == {"activation in": {torch.bfloat16}, "out_proj in": {torch.bfloat16}, "block out": {torch.float32}}
+    assert ours.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(ours, ref)
+    assert float(cosine.min()) >= 0.9999 and float(cosine.max()) < 1.0 - 1e-7, cosine  # close, and really bf16
+
+
+@pytest.mark.parametrize("mask", ["none", "causal bool", "causal float"])
+def test_bf16_self_attention_computes_multihead_attention(mask: str) -> None:
+    torch.manual_seed(1)
+    attention = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(3, 10, 64)
+    causal = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+    attn_mask = {
+        "none": None,
+        "causal bool": causal,
+        "causal float": torch.zeros(10, 10).masked_fill(causal, float("-inf")),
+    }[mask]
+    ours = quantize.Bf16SelfAttention(quantize.LinearSelfAttention(attention))
+    with torch.inference_mode():
+        expected = attention(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+        got = ours(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max()), (got - expected).abs().max()
+    with pytest.raises(ValueError, match="self-attention"):
+        ours(x, torch.randn(3, 10, 64), x)
+
+
+def test_only_plain_mlps_get_a_bf16_hidden_layer() -> None:
+    plain = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    assert quantize.Bf16Mlp.parts(plain) == tuple(plain)
+    for other in (
+        nn.Sequential(nn.Linear(8, 32), nn.PReLU(), nn.Linear(32, 8)),  # an activation with weights of its own
+        nn.Sequential(nn.Linear(8, 32), nn.GELU()),
+        nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(), nn.Linear(32, 8)),
+        nn.Linear(8, 8),
+    ):
+        assert quantize.Bf16Mlp.parts(other) is None
+    mlp = quantize.Bf16Mlp(*plain)
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        got, expected = mlp(x), plain(x)
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 0.02 * float(expected.abs().max())
