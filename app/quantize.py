@@ -31,8 +31,8 @@ INT8 = "int8"
 #: ONNX Runtime's fp32 and int8 paths (app.onnx_backend): the same model, exported once and cached.
 ONNX = "onnx"
 ONNX_INT8 = "onnx-int8"
-#: the image tower's matrix products in bfloat16 (torch, CPU), the rest and the text tower in fp32: for CPUs that
-#: multiply bf16 natively
+#: the image tower's matrix products and the activations between them in bfloat16 (torch, CPU), its residual stream,
+#: layer norms and the text tower in fp32: for CPUs that multiply bf16 natively
 BF16 = "bf16"
 INFERENCE_MODES = (FP32, INT8, ONNX, ONNX_INT8, BF16)
 #: the modes that run on the torch model itself (no ONNX export)
@@ -233,7 +233,7 @@ def _finish_int8(model: nn.Module, dtype: torch.dtype) -> None:
 
 def quantize(model: ModelT, mode: str) -> ModelT:
     """``model`` prepared for ``mode`` ('fp32': unchanged; 'int8': dynamic int8 linear layers, CPU only;
-    'bf16': the image tower's linear layers on bfloat16 weights, in place (:func:`to_bf16_products`), the text
+    'bf16': the image tower's products and their activations in bfloat16, in place (:func:`to_bf16_products`), the text
     tower left on fp32; the ONNX modes leave the torch model unchanged: ONNX Runtime runs an export of it)."""
     if mode in (FP32, ONNX, ONNX_INT8):
         return model
@@ -277,8 +277,9 @@ def check_inference(mode: str, device: torch.device) -> str:
 
 
 def native_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX): there bf16 products run a ViT image
-    tower about 1.8x as fast as fp32 (docs/PERFORMANCE.md); elsewhere oneDNN emulates bf16, slower than fp32."""
+    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX): there bf16 runs a ViT image tower
+    1.8x (Zen 4) to 3.4x (Xeon with AMX) as fast as fp32 (docs/PERFORMANCE.md); elsewhere oneDNN emulates bf16,
+    slower than fp32."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.14: absent means no
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 

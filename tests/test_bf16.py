@@ -1,4 +1,5 @@
-"""CLIPSEARCH_INFERENCE=bf16: the image tower's matrix products in bfloat16, the rest of it and the text tower in fp32,
+"""CLIPSEARCH_INFERENCE=bf16: the image tower's matrix products and the attention and MLP activations between them in
+bfloat16, its residual stream, layer norms and the text tower in fp32,
 close enough to the fp32 reference to meet the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98)."""
 
 from __future__ import annotations
