@@ -166,7 +166,7 @@ def to_bf16_products(tower: nn.Module) -> None:
     :class:`Bf16SelfAttention` and its plain MLPs :class:`Bf16Mlp` (their activations between the products stay
     bf16), then every other ``nn.Linear`` a :class:`Bf16Linear`. The residual stream and the layer norms stay fp32;
     convolutions too. A ViT's products are almost all of its time without AMX; with it, the fp32 round trips of the
-    activations around them were half of it (docs/PERFORMANCE.md, session 16)."""
+    activations around them took about as long as the products (docs/PERFORMANCE.md, session 16)."""
     swap_self_attention(tower)
     layers = [(parent, name, child) for parent in tower.modules() for name, child in parent.named_children()]
     for parent, name, child in layers:
