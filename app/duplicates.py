@@ -61,6 +61,7 @@ from app.dupes.cache import (
     shortlist_path,
     write_shortlist,
 )
+from app.dupes.resample import single_threaded_blas
 from app.errors import BadQuery, ClipSearchError, NotFound, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size
 from app.index import Manifest
@@ -456,6 +457,7 @@ def update_feature_cache(settings: Settings, store: Store, *, progress: Progress
             return None
 
     workers = max(1, settings.decode_workers)
+    single_threaded_blas()  # the workers hash photos side by side
     with ThreadPoolExecutor(workers, thread_name_prefix="features", initializer=_single_threaded_faiss) as pool:
 
         def run(work: Callable[[ImageRecord], PreparedImage | None], items: list[ImageRecord]) -> Iterator[Any]:
@@ -592,6 +594,7 @@ class DupeService:
         self._hash_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        single_threaded_blas()  # look-ups hash their queries on several threads at once
         data_dir = settings.data_dir if settings.dupe_feature_cache else None
         self.features = FeatureShortlist(self.store, self._prepare_uncached, data_dir)
 

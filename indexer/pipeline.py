@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from app.config import Settings
 from app.dupes import ImageHashes
+from app.dupes.resample import single_threaded_blas
 from app.errors import IndexMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
@@ -354,6 +355,7 @@ class Indexer:
         index fully afterwards (it is otherwise compacted when its policy says so)."""
         started = time.perf_counter()
         summary = IndexSummary()
+        single_threaded_blas()  # photos are hashed on several threads beside the model
         found = scan(list(roots), exclude=[self.settings.data_dir])
         plan = self.plan(found, summary, retry_failed=retry_failed)
         touched: set[int] = set()

@@ -58,13 +58,16 @@ def _odd_crop(grey: Image.Image, size: tuple[int, int]) -> Image.Image:
     return crop if crop.size == size else crop.resize(size, Image.Resampling.NEAREST)
 
 
-def test_shrinks_are_pillows_pixels_on_300_real_photos(shared_data: Path, pass_order: resample.PassOrder) -> None:
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+def test_shrinks_are_pillows_pixels_on_300_real_photos(
+    shared_data: Path, pass_order: resample.PassOrder, dense: bool
+) -> None:
     photos = _photos(shared_data, coco=40, samples=40, caltech=220)
     assert len(photos) == 300
     for n, path in enumerate(photos):
         grey = _grey(path)
         sizes = HASH_SIZES + (ODD_SIZES if n % 10 == 0 else [])
-        for size, got in zip(sizes, resize_pixels(np.asarray(grey), sizes, pass_order), strict=True):
+        for size, got in zip(sizes, resize_pixels(np.asarray(grey), sizes, pass_order, dense=dense), strict=True):
             assert np.array_equal(got, _pillow(grey, size)), (path, size)
         if n % 10 == 1:
             for crop_size in ODD_CROPS:
@@ -73,7 +76,8 @@ def test_shrinks_are_pillows_pixels_on_300_real_photos(shared_data: Path, pass_o
                     assert np.array_equal(got, _pillow(crop, size)), (path, crop_size, size)
 
 
-def test_resizes_are_pillows_pixels_for_random_shapes(pass_order: resample.PassOrder) -> None:
+@pytest.mark.parametrize("dense", [False, True], ids=["blocked", "dense"])
+def test_resizes_are_pillows_pixels_for_random_shapes(pass_order: resample.PassOrder, dense: bool) -> None:
     """Noise images, where the two pass orders and any misplaced tap give different pixels: shrinking, enlarging,
     one side kept, several sizes at once, and both sides of the pass-order rule."""
     rng = np.random.default_rng(7)
@@ -85,8 +89,47 @@ def test_resizes_are_pillows_pixels_for_random_shapes(pass_order: resample.PassO
         sizes = [*HASH_SIZES, (pick.randint(1, 350), pick.randint(1, 350)), (width, pick.randint(1, 80))]
         sizes += [(pick.randint(1, 80), height), (40, 70)]
         image = Image.fromarray(pixels)
-        for size, got in zip(sizes, resize_pixels(pixels, sizes, pass_order), strict=True):
+        for size, got in zip(sizes, resize_pixels(pixels, sizes, pass_order, dense=dense), strict=True):
             assert np.array_equal(got, _pillow(image, size)), ((width, height), size)
+
+
+def test_single_threaded_blas_limits_numpys_blas_only_and_turns_on_dense_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import faiss  # noqa: F401  (its own OpenBLAS, which must keep its threads)
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> dict[str, int]:
+        return {Path(i["filepath"]).parent.name: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert "numpy.libs" in before, before  # numpy's wheel bundles OpenBLAS: what the policy is for
+    calls: list[str] = []
+    for name in ("_apply_dense", "_apply_blocked"):
+        original = getattr(resample, name)
+        monkeypatch.setattr(resample, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    was_single = resample._blas_single[0]
+    monkeypatch.setattr(resample, "_blas_single", [False])
+    pixels = np.random.default_rng(3).integers(0, 256, (120, 90), dtype=np.uint8)
+    blocked = resize_pixels(pixels, HASH_SIZES)
+    assert set(calls) == {"_apply_blocked"}
+    try:
+        assert resample.single_threaded_blas() is True
+        after = blas_threads()
+        assert after["numpy.libs"] == 1
+        assert {k: v for k, v in after.items() if k != "numpy.libs"} == {
+            k: v for k, v in before.items() if k != "numpy.libs"
+        }
+        calls.clear()
+        dense = resize_pixels(pixels, HASH_SIZES)
+        assert set(calls) == {"_apply_dense"}
+        assert all(np.array_equal(a, b) for a, b in zip(blocked, dense, strict=True))
+    finally:  # numpy's BLAS as it was, with the flag monkeypatch restores
+        from threadpoolctl import ThreadpoolController
+
+        for lib in ThreadpoolController().lib_controllers:
+            if lib.user_api == "blas" and Path(lib.filepath).parent.name == "numpy.libs":
+                lib.set_num_threads(1 if was_single else before["numpy.libs"])
 
 
 def test_coefficients_are_those_the_c_code_computes() -> None:

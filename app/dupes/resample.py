@@ -11,6 +11,11 @@ order BLAS adds in. The coefficients are Pillow's integers (``_windows``); windo
 uint8 intermediate, the order of the passes and the skipped passes follow ``src/libImaging/Resample.c``. At first
 use ``pillow_pass_order`` checks on noise images that the installed Pillow gives exactly these pixels, and
 ``lanczos_resize`` falls back to Pillow where it does not (and for other modes, empty or very large images).
+
+Two ways to run a pass, the same integers either way: where numpy's BLAS runs on one thread (``single_threaded_blas``,
+which the indexer, the local-features step and the look-up service ask for), one dense product per pass, a few
+large calls that leave the GIL to the other threads; elsewhere blocked products, each small enough for OpenBLAS
+to keep on the calling thread.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -221,14 +228,73 @@ def _vertical_first(order: PassOrder, in_size: Size, size: Size) -> bool:
     return order == "pillow13" and out_h < in_h and in_h - out_h > 2 * (in_w - out_w)
 
 
-def resize_pixels(pixels: np.ndarray, sizes: Sequence[Size], order: PassOrder = "pillow13") -> list[np.ndarray]:
+@functools.lru_cache(maxsize=256)
+def _dense(in_size: int, out_sizes: tuple[int, ...]) -> np.ndarray:
+    """The passes from ``in_size`` pixels to each of ``out_sizes``, stacked: (sum(out_sizes), in_size) float64 of
+    Pillow's fixed-point coefficients (cached: a 640-pixel side to 32 and 9 takes 210 kB)."""
+    matrix = np.concatenate([lanczos_matrix(in_size, out_size) for out_size in out_sizes])
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _apply_dense(in_size: int, out_sizes: tuple[int, ...], lines: np.ndarray) -> np.ndarray:
+    """``_apply`` as one product: (outputs, rows) sums for ``lines`` (rows, in_size). Every partial sum is an
+    integer below 2**53 (as in the blocked products), so the result is the same in every bit."""
+    return _dense(in_size, out_sizes) @ np.asarray(lines, dtype=np.float64).T
+
+
+def _apply_blocked(in_size: int, out_sizes: tuple[int, ...], lines: np.ndarray) -> np.ndarray:
+    return _apply(_pass(in_size, out_sizes), lines)
+
+
+_blas_lock = threading.Lock()
+_blas_single = [False]  # numpy's BLAS was set to one thread by single_threaded_blas (guarded by _blas_lock)
+
+
+def single_threaded_blas() -> bool:
+    """Run numpy's own BLAS on one thread for the rest of this process, so that the hashes' passes can be one dense
+    product each (``resize_pixels``); True when it does (then or before), False where it cannot be set (no
+    threadpoolctl, or a BLAS it does not know). FAISS's and torch's libraries keep their threads.
+
+    For processes that hash photos on several threads beside a model (the indexer's lanes, the local-features step,
+    the look-up service's pool): there OpenBLAS's own threads took the cores from the model (a 64 px model's
+    indexing ran 215 img/s with dense passes on two-thread BLAS, 308 with the blocked passes, 330 with dense passes
+    on one-thread BLAS; docs/PERFORMANCE.md, session 16), and numpy's other products in this project are small."""
+    with _blas_lock:
+        if _blas_single[0]:
+            return True
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - a dependency; kept optional for library users
+            return False
+        import numpy
+
+        package = Path(numpy.__file__).parent
+        libraries = [
+            lib
+            for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "blas" and Path(lib.filepath).parent.name in (package.name + ".libs", package.name)
+        ]
+        for lib in libraries:
+            lib.set_num_threads(1)
+        _blas_single[0] = bool(libraries) and all(lib.get_num_threads() == 1 for lib in libraries)
+        if _blas_single[0]:
+            logger.debug("numpy's BLAS on one thread: %s", ", ".join(lib.filepath for lib in libraries))
+        return _blas_single[0]
+
+
+def resize_pixels(
+    pixels: np.ndarray, sizes: Sequence[Size], order: PassOrder = "pillow13", *, dense: bool | None = None
+) -> list[np.ndarray]:
     """Pillow's LANCZOS resize of a (height, width) uint8 grey array to each of ``sizes`` (width, height).
 
     Always computed here (``lanczos_resize`` is the entry that checks that Pillow agrees). A pass is skipped where
     its side does not change, as Pillow does; the first passes of all sizes that start on the same axis are one
     product (the 32- and 9-wide shrinks of hashing share theirs). Vertical passes resample the columns of the
-    transposed image: every pass is rows of pixels times coefficients.
+    transposed image: every pass is rows of pixels times coefficients. ``dense``: one product per pass (default:
+    where ``single_threaded_blas`` has been set) or blocked products; the same pixels.
     """
+    apply = _apply_dense if (_blas_single[0] if dense is None else dense) else _apply_blocked
     in_h, in_w = pixels.shape
     out: dict[int, np.ndarray] = {}
     horizontal_first: list[int] = []
@@ -242,18 +308,18 @@ def resize_pixels(pixels: np.ndarray, sizes: Sequence[Size], order: PassOrder = 
             vertical_first.append(i)
     if horizontal_first:
         widths = tuple(sizes[i][0] for i in horizontal_first)
-        passed = _to_pixels(_apply(_pass(in_w, widths), pixels))  # (sum(widths), in_h): the columns of each size
+        passed = _to_pixels(apply(in_w, widths, pixels))  # (sum(widths), in_h): the columns of each size
         for i, start in zip(horizontal_first, np.cumsum((0, *widths[:-1])).tolist(), strict=True):
             w, h = sizes[i]
             columns = passed[start : start + w]
-            out[i] = columns.T if h == in_h else _to_pixels(_apply(_pass(in_h, (h,)), columns))
+            out[i] = columns.T if h == in_h else _to_pixels(apply(in_h, (h,), columns))
     if vertical_first:
         heights = tuple(sizes[i][1] for i in vertical_first)
-        passed = _to_pixels(_apply(_pass(in_h, heights), pixels.T))  # (sum(heights), in_w): the rows of each size
+        passed = _to_pixels(apply(in_h, heights, pixels.T))  # (sum(heights), in_w): the rows of each size
         for i, start in zip(vertical_first, np.cumsum((0, *heights[:-1])).tolist(), strict=True):
             w, h = sizes[i]
             rows = passed[start : start + h]
-            out[i] = rows if w == in_w else _to_pixels(_apply(_pass(in_w, (w,)), rows)).T
+            out[i] = rows if w == in_w else _to_pixels(apply(in_w, (w,), rows)).T
     return [np.ascontiguousarray(out[i], dtype=np.uint8) for i in range(len(sizes))]
 
 
