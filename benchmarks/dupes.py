@@ -334,8 +334,11 @@ def _single_thread() -> None:
     import cv2
     import faiss
 
+    from app.dupes.resample import single_threaded_blas
+
     cv2.setNumThreads(1)
     faiss.omp_set_num_threads(1)
+    single_threaded_blas()  # as the look-up service runs its hashes
 
 
 @dataclass
