@@ -594,7 +594,6 @@ class DupeService:
         self._hash_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
-        single_threaded_blas()  # look-ups hash their queries on several threads at once
         data_dir = settings.data_dir if settings.dupe_feature_cache else None
         self.features = FeatureShortlist(self.store, self._prepare_uncached, data_dir)
 
@@ -616,6 +615,7 @@ class DupeService:
         """Threads for decoding, preparing and comparing (single-threaded FAISS each)."""
         with self._pool_lock:
             if self._pool is None:
+                single_threaded_blas()  # look-ups hash their queries on these threads, several at once
                 self._pool = ThreadPoolExecutor(
                     max(1, self.settings.decode_workers),
                     thread_name_prefix="dupes",

@@ -355,7 +355,6 @@ class Indexer:
         index fully afterwards (it is otherwise compacted when its policy says so)."""
         started = time.perf_counter()
         summary = IndexSummary()
-        single_threaded_blas()  # photos are hashed on several threads beside the model
         found = scan(list(roots), exclude=[self.settings.data_dir])
         plan = self.plan(found, summary, retry_failed=retry_failed)
         touched: set[int] = set()
@@ -732,6 +731,7 @@ class Indexer:
     ) -> None:
         if not plan.todo:  # nothing new or changed: the model is not needed (a LazyEncoder stays unbuilt)
             return
+        single_threaded_blas()  # photos are hashed on several threads beside the model
         batch: list[Prepared] = []
         others: list[Prepared] = []
         batches_done = 0

@@ -267,9 +267,7 @@ def single_threaded_blas() -> bool:
             from threadpoolctl import ThreadpoolController
         except ImportError:  # pragma: no cover - a dependency; kept optional for library users
             return False
-        import numpy
-
-        package = Path(numpy.__file__).parent
+        package = Path(np.__file__).parent
         libraries = [
             lib
             for lib in ThreadpoolController().lib_controllers
