@@ -80,11 +80,10 @@ def _block(block: Any, bf16: bool) -> _Block | None:
         in_proj = Bf16Linear(weight, bias) if bf16 else functools.partial(F.linear, weight=weight, bias=bias)
     else:
         return None
-    steps = list(block.mlp.children())
-    if len(steps) != 3 or type(steps[0]) is not nn.Linear or type(steps[2]) is not nn.Linear:
+    steps = Bf16Mlp.parts(block.mlp)
+    if steps is None:
         return None  # int8 or another MLP: the caller encodes as usual
-    fc, act, proj = steps
-    mlp = Bf16Mlp(fc, act, proj) if bf16 else block.mlp
+    mlp = Bf16Mlp(*steps) if bf16 else block.mlp
     return _Block(
         block.ln_1, block.ln_2, block.ls_1, block.ls_2, attention.num_heads,
         in_proj, _projection(attention.out_proj, bf16), mlp,
