@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         "'torchvision' (also in batches on the model's device, nvjpeg on a GPU, while the decode workers take the "
         "rest: both feed the model), 'auto': torchvision when the model runs on a GPU, else pillow.",
     )
+    text_prefix_cache_mb: int = Field(
+        default=32,
+        ge=0,
+        le=65536,
+        description="ONNX text tower: memory for the keys and values of recent queries' token prefixes, so that a "
+        "query opening like an earlier one (typing it, or 'a photo of ...') computes only its new tokens (ViT-B-32: "
+        "48 KB per token); 0 turns it off.",
+    )
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )

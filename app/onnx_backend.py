@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from app.onnx_encoder import OnnxTowers
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ONNX_MODES = (ONNX, ONNX_INT8)
 #: Bump when the exported graphs change (their inputs, what they compute): old caches are then ignored.
-EXPORT_FORMAT = 3
+EXPORT_FORMAT = 4
 OPSET = 18
 
 
@@ -75,6 +76,69 @@ class TextTower(nn.Module):
         return x @ self.text_projection
 
 
+class PastTextTower(nn.Module):
+    """open_clip's causal text tower on the tokens after a cached prefix (app.onnx_text): ``past_keys`` and
+    ``past_values`` (layers, heads, P, head width) are the keys and values of the prefix's P positions, the same for
+    every row; ``tokens`` (batch, n) fill positions P .. P + n - 1 and ``pooled_at`` (batch,) indexes them. Returns
+    the projected features at the pooled positions and the n new positions' keys and values (layers, batch, heads, n,
+    head width). The last layer runs only the pooled rows (its other rows feed nothing). Built on the blocks as
+    ``app.text_prefix`` takes them apart, so only for open_clip's own tower of plain residual attention blocks."""
+
+    def __init__(self, model: Any, blocks: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.token_embedding = model.token_embedding
+        self.transformer = model.transformer  # registered: the blocks' weights are this module's
+        self.blocks = blocks
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.positions: torch.Tensor
+        self.attn_mask: torch.Tensor
+        self.register_buffer("positions", model.positional_embedding.detach().float().clone(), persistent=False)
+        self.register_buffer("attn_mask", model.attn_mask.detach().clone(), persistent=False)
+        self.scale = float((model.transformer.width // blocks[0].heads) ** -0.5)  # a constant, as LinearSelfAttention
+
+    @property
+    def past_shape(self) -> tuple[int, int, int]:
+        """(layers, heads, head width) of ``past_keys``."""
+        return len(self.blocks), self.blocks[0].heads, self.transformer.width // self.blocks[0].heads
+
+    def forward(
+        self, tokens: torch.Tensor, pooled_at: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from app.text_prefix import attention_heads, merge_heads
+
+        batch, count = tokens.shape
+        start = past_keys.shape[2]
+        end = start + count
+        x = self.token_embedding(tokens) + self.positions[start:end]
+        mask = self.attn_mask[start:end, :end]  # the prefix, then causal among the new positions
+        rows = torch.arange(batch)
+        last = len(self.blocks) - 1
+        new_keys, new_values = [], []
+        for depth, block in enumerate(self.blocks):
+            q, k, v = attention_heads(block.in_proj(block.ln_1(x)), block.heads)
+            new_keys.append(k)
+            new_values.append(v)
+            keys = torch.cat([past_keys[depth].unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
+            values = torch.cat([past_values[depth].unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
+            if depth < last:
+                attended = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scale)
+                x = x + block.ls_1(block.out_proj(merge_heads(attended)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            else:  # the pooled rows only
+                pooled_q = q[rows, :, pooled_at].unsqueeze(2)
+                pooled_mask = self.attn_mask[start + pooled_at, :end][:, None, None, :]
+                attended = F.scaled_dot_product_attention(pooled_q, keys, values, pooled_mask, scale=self.scale)
+                x = x[rows, pooled_at].unsqueeze(1) + block.ls_1(block.out_proj(merge_heads(attended)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        features = self.ln_final(x[:, 0])
+        if isinstance(self.text_projection, nn.Linear):
+            features = self.text_projection(features)
+        elif self.text_projection is not None:
+            features = features @ self.text_projection
+        return features, torch.stack(new_keys), torch.stack(new_values)
+
+
 class ImageTower(nn.Module):
     """open_clip's ``encode_image`` without normalisation."""
 
@@ -99,20 +163,36 @@ def text_tower_exportable(model: Any) -> str | None:
 
 
 def export_text_tower(model: Any, path: Path) -> None:
-    """Write the truncated text tower of ``model`` (fp32, CPU) to ``path``: inputs ``tokens`` (batch, length)
-    int64 and ``pooled_at`` (batch,) int64, output ``features`` (batch, dim), not normalised."""
+    """Write the text tower of ``model`` (fp32, CPU) to ``path``, output ``features`` (batch, dim), not normalised.
+
+    open_clip's tower of plain blocks is written as :class:`PastTextTower` (app.onnx_text runs it): inputs ``tokens``
+    (batch, n) and ``pooled_at`` (batch,) int64 after a prefix's ``past_keys`` and ``past_values``, outputs the
+    features, ``keys`` and ``values``. Other causal towers as :class:`TextTower`: ``tokens`` (batch, length) and
+    ``pooled_at``, the features only."""
+    from app.text_prefix import PrefixTower
+
     reason = text_tower_exportable(model)
     if reason:
         raise OnnxExportError(reason)
-    tower = TextTower(_export_copy(model)).eval()
-    tokens = torch.ones((2, 5), dtype=torch.int64)
-    pooled_at = torch.tensor([4, 3], dtype=torch.int64)
+    copy = _export_copy(model)
+    prefix_tower = PrefixTower.of(copy)
+    tokens = torch.ones((2, 3), dtype=torch.int64)
+    pooled_at = torch.tensor([2, 1], dtype=torch.int64)
+    batch_dims = {"tokens": {0: "batch", 1: "length"}, "pooled_at": {0: "batch"}}
+    if prefix_tower is None:
+        _export(TextTower(copy).eval(), (tokens, pooled_at), path, input_names=["tokens", "pooled_at"],
+                dynamic_axes=batch_dims)  # fmt: skip
+        return
+    tower = PastTextTower(copy, prefix_tower.blocks).eval()
+    past = torch.zeros((*tower.past_shape[:2], 2, tower.past_shape[2]))
+    new_dims = {1: "batch", 3: "length"}
     _export(
         tower,
-        (tokens, pooled_at),
+        (tokens, pooled_at, past, past.clone()),
         path,
-        input_names=["tokens", "pooled_at"],
-        dynamic_axes={"tokens": {0: "batch", 1: "length"}, "pooled_at": {0: "batch"}},
+        input_names=["tokens", "pooled_at", "past_keys", "past_values"],
+        dynamic_axes={**batch_dims, "past_keys": {2: "past"}, "past_values": {2: "past"}},
+        outputs={"features": {0: "batch"}, "keys": new_dims, "values": new_dims},
     )
 
 
@@ -145,7 +225,10 @@ def _export(
     *,
     input_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    outputs: dict[str, dict[int, str]] | None = None,
 ) -> None:
+    outputs = outputs or {"features": {0: "batch"}}
+
     def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             # TorchScript exporter (deprecated in favour of the dynamo one, kept in torch 2.14): measured on
@@ -157,8 +240,8 @@ def _export(
                 args,
                 str(tmp),
                 input_names=input_names,
-                output_names=["features"],
-                dynamic_axes={**dynamic_axes, "features": {0: "batch"}},
+                output_names=list(outputs),
+                dynamic_axes={**dynamic_axes, **outputs},
                 opset_version=OPSET,
                 dynamo=False,
             )

@@ -151,19 +151,19 @@ class PrefixTower:
         shared_mask = torch.full((prefix, prefix), float("-inf")).triu_(1)
         last = len(self.blocks) - 1
         for depth, block in enumerate(self.blocks):
-            q_s, k_s, v_s = _heads(block.in_proj(block.ln_1(rest)), block.heads)
+            q_s, k_s, v_s = attention_heads(block.in_proj(block.ln_1(rest)), block.heads)
             keys, values = k_s, v_s
             if prefix:
-                q_p, k_p, v_p = _heads(block.in_proj(block.ln_1(shared)), block.heads)
+                q_p, k_p, v_p = attention_heads(block.in_proj(block.ln_1(shared)), block.heads)
                 keys = torch.cat([k_p.expand(len(rows), -1, -1, -1), k_s], dim=2)
                 values = torch.cat([v_p.expand(len(rows), -1, -1, -1), v_s], dim=2)
             rest = rest + block.ls_1(
-                block.out_proj(_merge(F.scaled_dot_product_attention(q_s, keys, values, rest_mask)))
+                block.out_proj(merge_heads(F.scaled_dot_product_attention(q_s, keys, values, rest_mask)))
             )
             rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
             if prefix and depth < last:  # the last layer's prefix states feed nothing
                 shared = shared + block.ls_1(
-                    block.out_proj(_merge(F.scaled_dot_product_attention(q_p, k_p, v_p, shared_mask)))
+                    block.out_proj(merge_heads(F.scaled_dot_product_attention(q_p, k_p, v_p, shared_mask)))
                 )
                 shared = shared + block.ls_2(block.mlp(block.ln_2(shared)))
         pooled = torch.as_tensor([len(r) - 1 - prefix for r in rows])
@@ -174,14 +174,14 @@ class PrefixTower:
         return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(batch, length, 3 * width) -> q, k, v as (batch, heads, length, head width)."""
     batch, length, width3 = qkv.shape
     q, k, v = qkv.reshape(batch, length, 3, heads, width3 // (3 * heads)).permute(2, 0, 3, 1, 4)
     return q, k, v
 
 
-def _merge(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(batch, heads, length, head width) -> (batch, length, width)."""
     batch, heads, length, head_width = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_width)
