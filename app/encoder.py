@@ -306,6 +306,12 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     @property
+    def text_prefix_rows(self) -> tuple[int, int]:
+        """(computed, cached) token rows of the ONNX text tower (app.onnx_text), for /metrics; (0, 0) on torch."""
+        towers = self._onnx
+        return towers.prefix_rows() if towers is not None else (0, 0)
+
+    @property
     def shares_prompt_prefixes(self) -> bool:
         """Whether ``encode_prompts`` runs shared prefixes once: open_clip's own causal text tower of plain blocks,
         on a CPU, its layers not quantised to int8 (an ``onnx-int8`` encoder's torch tower is fp32)."""

@@ -4,8 +4,10 @@
 ``onnx-int8`` runs ORT's dynamic int8 quantisation of their matrix multiplications (weights int8 per output
 channel, activations quantised to 8 bits on the fly). The text tower is exported in its truncated form (see
 ``app.encoder._encode_text_truncated``): a dynamic sequence length, the positional embedding and causal mask
-sliced to it, pooled at the EOT position given as a second input, projected, not normalised (the encoder
-normalises every backend's output the same way). The image tower takes a dynamic batch.
+sliced to it, pooled at the EOT position given as an input, projected, not normalised (the encoder normalises
+every backend's output the same way); open_clip's own tower also takes the keys and values of a prefix computed
+before (``PastTextTower``, run by ``app.onnx_text`` with a cache of recent prefixes). The image tower takes a
+dynamic batch.
 
 Exports live under ``<data dir>/onnx/<key>/`` where the key hashes the model's store key, a fingerprint of its
 weights (random-weight and re-saved local-dir models change weights under one name) and the torch, onnx and

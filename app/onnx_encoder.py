@@ -217,6 +217,11 @@ class OnnxTowers:
         features: np.ndarray = self.text.run(None, feeds)[0]
         return features
 
+    def prefix_rows(self) -> tuple[int, int]:
+        """Token rows the text tower computed and took from the prefix cache since its runner was made."""
+        runner = self._runner
+        return (runner.rows_run, runner.rows_cached) if runner is not None else (0, 0)
+
     @property
     def text_runner(self) -> PastTextRunner | None:
         """The runner of the text session when it is a past-aware export (app.onnx_text), made at first use (the
@@ -337,6 +342,11 @@ class OnnxEncoder:
             time.perf_counter() - started,
         )
         return encoder
+
+    @property
+    def text_prefix_rows(self) -> tuple[int, int]:
+        """(computed, cached) token rows of the text tower (app.onnx_text), for /metrics."""
+        return self.towers.prefix_rows()
 
     def pooled_positions(self, tokens: np.ndarray) -> np.ndarray:
         if self.record.pool == "argmax":

@@ -8,12 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from app import onnx_text
+from app.api import create_app
 from app.config import Settings
 from app.encoder import Encoder, _pooled_positions
 from app.model_spec import ModelSpec
 from app.onnx_text import PastTextRunner, is_past_tower
+from tests.api.conftest import api_settings, build_index
+from tests.helpers import copy_photos
 
 # typed one after another (each a prefix of the next, or sharing its first words), then unrelated ones
 TYPED = ["a red", "a red bic", "a red bicycle", "a red bicycle leaning on a wall", "a red car", "a photo of a dog"]
@@ -151,3 +155,42 @@ def test_bad_positions_are_refused_with_a_reason(onnx_encoders: dict[str, Encode
         runner.encode(tokens, np.array([3]))
     with pytest.raises(ValueError, match="one pooled position per row"):
         runner.encode(tokens, np.array([2, 2]))
+
+
+def test_a_tower_not_taken_apart_is_exported_whole_and_encodes_as_before(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import text_prefix
+
+    # a tower whose blocks app.text_prefix does not take (custom blocks) is written as the plain truncated graph
+    monkeypatch.setattr(text_prefix.PrefixTower, "of", classmethod(lambda cls, model, bf16=False: None))
+    spec = ModelSpec.from_settings(Settings(model=f"local-dir:{tiny_model_dir}"))
+    encoder = Encoder(spec, torch.device("cpu"), inference="onnx", onnx_cache_dir=tmp_path)
+    assert encoder._onnx is not None and encoder._onnx.text is not None
+    assert not is_past_tower(encoder._onnx.text) and encoder._onnx.text_runner is None
+    texts = ["a red bicycle", "two dogs", "a photo of a leopard in the grass"]
+    want = full_encode(encoder, texts)
+    assert np.abs(np.stack([encoder.encode_texts([t])[0] for t in texts]) - want).max() <= 1e-5
+    assert np.abs(encoder.encode_texts(texts) - want).max() <= 1e-5
+
+
+def metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_the_service_reuses_prefixes_and_reports_its_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    copy_photos(tmp_path / "catalog", 4)
+    settings = api_settings(data_dir, tiny_model_dir, inference="onnx")
+    build_index(settings, Encoder.from_settings(settings), [tmp_path / "catalog"])
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["inference"] == "onnx"
+        first = client.get("/search", params={"q": "a photo of an animal", "k": 4})
+        second = client.get("/search", params={"q": "a photo of an animal in the snow", "k": 4})
+        assert first.status_code == second.status_code == 200
+        text = client.get("/metrics").text
+    computed = metric(text, 'clipsearch_text_token_rows{kind="computed"}')
+    cached = metric(text, 'clipsearch_text_token_rows{kind="cached"}')
+    # the second query took "<start> a photo of an animal" from the first: at least those 6 rows
+    assert cached >= 6 and computed > 0

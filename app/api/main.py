@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, *, preload: IndexPreload | None
         app.state.dupes.start()  # the local-feature index of the catalog is prepared in the background
         metrics.track_index_size(lambda: service.index_count)
         metrics.track_labels_in_memory(lambda: service.labels.table is not None)
+        metrics.track_text_rows(lambda: getattr(service.encoder, "text_prefix_rows", (0, 0)))
         service.text_batcher.on_batch = metrics.text_batch_texts.observe
         metrics.track_feature_images(lambda: len(app.state.dupes.features) if app.state.dupes is not None else 0)
         try:

@@ -78,11 +78,23 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32),
             registry=self.registry,
         )
+        self.text_token_rows = Gauge(
+            "clipsearch_text_token_rows",
+            "Token rows of text queries since the ONNX text tower opened: computed, or taken from the prefix cache "
+            "(CLIPSEARCH_TEXT_PREFIX_CACHE_MB); 0 on torch.",
+            ["kind"],
+            registry=self.registry,
+        )
         self.labels_in_memory = Gauge(
             "clipsearch_labels_in_memory",
             "1 while tag filters and facets read the in-memory labels snapshot, 0 while they read the database.",
             registry=self.registry,
         )
+
+    def track_text_rows(self, rows: Callable[[], tuple[int, int]]) -> None:
+        """``rows()``: the (computed, cached) token rows of the ONNX text tower, read at each scrape."""
+        self.text_token_rows.labels("computed").set_function(lambda: float(rows()[0]))
+        self.text_token_rows.labels("cached").set_function(lambda: float(rows()[1]))
 
     def track_index_size(self, count: Callable[[], float]) -> None:
         self.index_size.set_function(count)
