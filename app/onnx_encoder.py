@@ -226,10 +226,12 @@ class OnnxTowers:
     def text_runner(self) -> PastTextRunner | None:
         """The runner of the text session when it is a past-aware export (app.onnx_text), made at first use (the
         session can be set after the towers are); no prefix cache in the int8 mode."""
+        runner = self._runner
+        if runner is not None and runner.session is self.text:
+            return runner
         if self.text is None or not is_past_tower(self.text):
             return None
-        if self._runner is None or self._runner.session is not self.text:
-            self._runner = PastTextRunner(self.text, None if self.mode == ONNX_MODES[0] else 0)
+        self._runner = PastTextRunner(self.text, None if self.mode == ONNX_MODES[0] else 0)
         return self._runner
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
