@@ -194,3 +194,37 @@ def test_the_service_reuses_prefixes_and_reports_its_rows(tiny_model_dir: Path, 
     cached = metric(text, 'clipsearch_text_token_rows{kind="cached"}')
     # the second query took "<start> a photo of an animal" from the first: at least those 6 rows
     assert cached >= 6 and computed > 0
+
+
+def test_threads_sharing_the_runner_get_the_full_encodes(onnx_encoders: dict[str, Encoder]) -> None:
+    import threading
+
+    encoder = onnx_encoders["onnx"]
+    session = runner_of(encoder).session
+    runner = PastTextRunner(session, cache_bytes=40 * PastTextRunner(session, cache_bytes=0).position_bytes)
+    texts = [
+        f"a {adj} {noun} in the {place}"
+        for adj in ("red", "small")
+        for noun in ("dog", "car")
+        for place in ("snow", "city")
+    ]
+    texts += TYPED + OTHERS
+    tokens = encoder.tokenizer(texts).numpy()
+    pooled = _pooled_positions(encoder.model, torch.from_numpy(tokens)).numpy()
+    want = full_encode(encoder, texts)
+    errors: list[str] = []
+
+    def worker(offset: int) -> None:  # every thread asks every text, each from another starting point
+        for step in range(len(texts)):
+            i = (offset * 5 + step) % len(texts)
+            got = runner.encode(tokens[i : i + 1, : int(pooled[i]) + 1], pooled[i : i + 1])[0]
+            if np.abs(got / np.linalg.norm(got) - want[i]).max() > 1e-5:
+                errors.append(texts[i])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert runner.cached_positions <= 40 and runner.rows_cached > 0
