@@ -8,7 +8,10 @@ A store of N rows (each with --tags zero-shot tags, as the indexer's defaults st
 /search counts by default read real labels) and an index of N synthetic CLIP-like 512-d vectors (as `clipsearch
 index` would have left them for ViT-B-32) are written to a temp data dir; `clipsearch serve` runs as a subprocess
 with ViT-B-32 random weights; a thread pool of HTTP clients on 127.0.0.1 sends bounded numbers of /search requests
-at each concurrency: uncached queries (every text new) and cached ones (a few texts repeated). Each client is one
+at each concurrency: uncached queries (every text new) and cached ones (a few texts repeated). The uncached texts
+('a {adjective} {noun} {place}', 1,008 of them, cycled) open like earlier ones, which the ONNX text tower's prefix
+cache reuses (app.onnx_text): the server reads CLIPSEARCH_TEXT_PREFIX_CACHE_MB from this process's environment, so
+CLIPSEARCH_TEXT_PREFIX_CACHE_MB=0 measures every query from its start token. Each client is one
 keep-alive connection that writes the request line and reads the body by its Content-Length (`RawClient`: httpx
 added about 1.5 ms per request); it still shares the 2 cores with the server, so the figures are a lower bound.
 --inference and --torch-threads set the server's CLIPSEARCH_INFERENCE and CLIPSEARCH_TORCH_THREADS. --quick: 100k
