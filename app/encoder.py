@@ -31,7 +31,7 @@ from app.quantize import (
     quantize,
     set_cpu_threads,
 )
-from app.text_prefix import PrefixTower
+from app.text_prefix import PrefixTower, project_text
 
 log = logging.getLogger(__name__)
 
@@ -365,13 +365,7 @@ def _encode_text_truncated(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), pooled_at]
-    if model.text_projection is not None:
-        x = (
-            model.text_projection(x)
-            if isinstance(model.text_projection, torch.nn.Linear)
-            else x @ model.text_projection
-        )
-    return x
+    return project_text(model.text_projection, x)
 
 
 def _pooled_positions(model: Any, tokens: torch.Tensor) -> torch.Tensor:

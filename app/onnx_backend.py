@@ -39,6 +39,7 @@ from torch import nn
 from app.onnx_encoder import OnnxTowers
 from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
+from app.text_prefix import PrefixTower, attention_heads, project_text
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,7 @@ class TextTower(nn.Module):
         x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), pooled_at]
-        if self.text_projection is None:
-            return x
-        if isinstance(self.text_projection, nn.Linear):
-            return self.text_projection(x)
-        return x @ self.text_projection
+        return project_text(self.text_projection, x)
 
 
 class PastTextTower(nn.Module):
@@ -107,8 +104,6 @@ class PastTextTower(nn.Module):
     def forward(
         self, tokens: torch.Tensor, pooled_at: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from app.text_prefix import attention_heads, merge_heads
-
         batch, count = tokens.shape
         start = past_keys.shape[2]
         end = start + count
@@ -124,20 +119,13 @@ class PastTextTower(nn.Module):
             keys = torch.cat([past_keys[depth].unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
             values = torch.cat([past_values[depth].unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
             if depth < last:
-                attended = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scale)
-                x = x + block.ls_1(block.out_proj(merge_heads(attended)))
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+                x = block.residuals(x, F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scale))
             else:  # the pooled rows only
                 pooled_q = q[rows, :, pooled_at].unsqueeze(2)
                 pooled_mask = self.attn_mask[start + pooled_at, :end][:, None, None, :]
                 attended = F.scaled_dot_product_attention(pooled_q, keys, values, pooled_mask, scale=self.scale)
-                x = x[rows, pooled_at].unsqueeze(1) + block.ls_1(block.out_proj(merge_heads(attended)))
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        features = self.ln_final(x[:, 0])
-        if isinstance(self.text_projection, nn.Linear):
-            features = self.text_projection(features)
-        elif self.text_projection is not None:
-            features = features @ self.text_projection
+                x = block.residuals(x[rows, pooled_at].unsqueeze(1), attended)
+        features = project_text(self.text_projection, self.ln_final(x[:, 0]))
         return features, torch.stack(new_keys), torch.stack(new_values)
 
 
@@ -171,8 +159,6 @@ def export_text_tower(model: Any, path: Path) -> None:
     (batch, n) and ``pooled_at`` (batch,) int64 after a prefix's ``past_keys`` and ``past_values``, outputs the
     features, ``keys`` and ``values``. Other causal towers as :class:`TextTower`: ``tokens`` (batch, length) and
     ``pooled_at``, the features only."""
-    from app.text_prefix import PrefixTower
-
     reason = text_tower_exportable(model)
     if reason:
         raise OnnxExportError(reason)

@@ -87,7 +87,7 @@ class PastTextRunner:
         if int(pooled_at.min()) < 0 or int(pooled_at.max()) >= tokens.shape[1]:
             raise ValueError(f"pooled positions {pooled_at.tolist()} outside the {tokens.shape[1]} tokens given")
         shared = self._shared_length(tokens, int(pooled_at.min()))
-        prefix = tuple(int(t) for t in tokens[0, :shared])
+        prefix = tuple(tokens[0, :shared].tolist())
         with self._lock:
             keys, values, past = self._lookup(prefix)
             self.rows_run += tokens.shape[0] * (tokens.shape[1] - past)

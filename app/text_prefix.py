@@ -53,6 +53,19 @@ class _Block:
     out_proj: Projection
     mlp: Projection
 
+    def residuals(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after attention: ``x`` plus the projected ``attended`` heads (batch, heads,
+        length, head width), then plus the MLP of that."""
+        x = x + self.ls_1(self.out_proj(merge_heads(attended)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def project_text(projection: Any, x: torch.Tensor) -> torch.Tensor:
+    """A CLIP text tower's pooled states through its ``text_projection`` (a matrix, an ``nn.Linear`` or None)."""
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
 
 def _projection(layer: nn.Linear, bf16: bool) -> nn.Module:
     return Bf16Linear.of(layer) if bf16 else layer
@@ -157,21 +170,11 @@ class PrefixTower:
                 q_p, k_p, v_p = attention_heads(block.in_proj(block.ln_1(shared)), block.heads)
                 keys = torch.cat([k_p.expand(len(rows), -1, -1, -1), k_s], dim=2)
                 values = torch.cat([v_p.expand(len(rows), -1, -1, -1), v_s], dim=2)
-            rest = rest + block.ls_1(
-                block.out_proj(merge_heads(F.scaled_dot_product_attention(q_s, keys, values, rest_mask)))
-            )
-            rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
+            rest = block.residuals(rest, F.scaled_dot_product_attention(q_s, keys, values, rest_mask))
             if prefix and depth < last:  # the last layer's prefix states feed nothing
-                shared = shared + block.ls_1(
-                    block.out_proj(merge_heads(F.scaled_dot_product_attention(q_p, k_p, v_p, shared_mask)))
-                )
-                shared = shared + block.ls_2(block.mlp(block.ln_2(shared)))
+                shared = block.residuals(shared, F.scaled_dot_product_attention(q_p, k_p, v_p, shared_mask))
         pooled = torch.as_tensor([len(r) - 1 - prefix for r in rows])
-        x = model.ln_final(rest[torch.arange(len(rows)), pooled])
-        projection = model.text_projection
-        if projection is None:
-            return x
-        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return project_text(model.text_projection, model.ln_final(rest[torch.arange(len(rows)), pooled]))
 
 
 def attention_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
