@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         "query opening like an earlier one (typing it, or 'a photo of ...') computes only its new tokens (ViT-B-32: "
         "48 KB per token); 0 turns it off.",
     )
+    warm_up: bool = Field(
+        default=True,
+        description="After the service starts, run one query's path in the background (the text tower's first run, "
+        "which allocates its buffers; the index search; the automatic cut-off's catalog sample), so that the first "
+        "real query does not pay for it.",
+    )
     max_image_pixels: int = Field(
         default=100_000_000, ge=1, description="Images with more pixels are refused (decompression bombs)."
     )

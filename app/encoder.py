@@ -26,8 +26,8 @@ from app.quantize import (
     FP32,
     ONNX_INT8,
     TORCH_MODES,
+    bf16_pays,
     check_inference,
-    native_bf16,
     quantize,
     set_cpu_threads,
 )
@@ -86,10 +86,10 @@ class Encoder:
         (``onnx_ready`` is set then); otherwise the export, when needed, happens here, before the encoder is usable.
         ``lanes`` (CPU only): the indexer's lanes, threads that each encode their own batches at once
         (``encode_pixels_in_lane``); the image tower's threads are shared out between them.
-        ``indexing``: the encoder of an indexing run. Under 'auto' on a CPU that multiplies bfloat16 natively
-        (AVX512_BF16, AMX) its image tower runs its products in bf16 on torch, about 1.7x ORT fp32's rate there
-        and within the default path's bar (cosine >= 0.999, top-10 overlap >= 0.98); its text tower stays on
-        ONNX Runtime."""
+        ``indexing``: the encoder of an indexing run. Under 'auto' on a CPU that multiplies bfloat16 natively and
+        faster than fp32 (app.quantize.bf16_pays: AVX512_BF16 or AMX, and a product measured) its image tower runs
+        its products in bf16 on torch, 1.7x ORT fp32's rate or more there and within the default path's bar (cosine
+        >= 0.999, top-10 overlap >= 0.98); its text tower stays on ONNX Runtime."""
         import open_clip
 
         from app.model_build import create_model_and_transforms
@@ -125,9 +125,9 @@ class Encoder:
         if self.inference not in TORCH_MODES and export_in_background and inference == AUTO:
             background_mode, self.inference = self.inference, FP32  # torch until the export is done
         elif self.inference not in TORCH_MODES:
-            # an indexing run under 'auto' on a CPU with native bf16 runs the image tower on torch (_images_on_bf16):
-            # its export is kept for the service's start, but no ORT session is opened for it (0.3 s, ~100 MB)
-            images_bf16 = indexing and inference == AUTO and native_bf16()
+            # an indexing run under 'auto' on a CPU whose bf16 products pay runs the image tower on torch
+            # (_images_on_bf16): its export is kept for the service's start, but no ORT session is opened for it
+            images_bf16 = indexing and inference == AUTO and bf16_pays()
             self._onnx = _load_onnx(
                 model,
                 spec,
@@ -168,7 +168,7 @@ class Encoder:
         """Run the image tower's products in bf16 on torch where ORT fp32 could have run it (its export, which has no
         session here, is in the launch record written already, for the service's start)."""
         quantize(self.model, BF16)
-        log.info("%s: the image tower's products run in bf16 (this CPU multiplies bf16 natively)", self.spec.label)
+        log.info("%s: the image tower's products run in bf16 (faster than fp32 on this CPU)", self.spec.label)
 
     def _export_then_switch(self, mode: str, cache_dir: Path | None, threads: int) -> None:
         """Export (or load the cached export of) the towers while the encoder serves on torch, then use them."""
@@ -321,9 +321,10 @@ class Encoder:
         """Unit vectors of many prompts at once (a vocabulary: app.zeroshot.class_embeddings), each prefix they share
         computed once (app.text_prefix; ``shares_prompt_prefixes`` must hold). The products run in bf16 where the
         image tower's do (``CLIPSEARCH_INFERENCE=bf16``, or an indexing run under 'auto') and the CPU multiplies bf16
-        natively (emulated, bf16 would be slower than fp32). ``on_encoded``: called with the number of prompts of
-        each chunk done. Needs no lock: the tower only reads the model."""
-        tower = PrefixTower.of(self.model, bf16=self.image_inference == BF16 and native_bf16())
+        faster than fp32 (app.quantize.bf16_pays: emulated, or on some CPUs even with the instructions, it is
+        slower). ``on_encoded``: called with the number of prompts of each chunk done. Needs no lock: the tower
+        only reads the model."""
+        tower = PrefixTower.of(self.model, bf16=self.image_inference == BF16 and bf16_pays())
         if tower is None:
             raise ValueError(f"{self.spec.label}: its text tower cannot share prompt prefixes; use encode_texts")
         tokens = self.tokenizer(list(texts))

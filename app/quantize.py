@@ -13,7 +13,9 @@ built with one mode serves the other.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import time
 import warnings
 from typing import TypeVar, cast
 
@@ -273,15 +275,62 @@ def check_inference(mode: str, device: torch.device) -> str:
             "CLIPSEARCH_INFERENCE=bf16: this CPU has no native bfloat16 instructions (AVX512_BF16 or AMX), so the "
             "image tower runs emulated, slower than fp32: use 'auto' (ONNX Runtime fp32) or 'int8' here"
         )
+    elif mode == BF16 and not bf16_pays():
+        log.warning(
+            "CLIPSEARCH_INFERENCE=bf16: this CPU has bfloat16 instructions but multiplies bf16 no faster than fp32 "
+            "(measured; the log line above gives the ratio): use 'auto' (ONNX Runtime fp32) or 'int8' here"
+        )
     return mode
 
 
 def native_bf16() -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX): there bf16 runs a ViT image tower
-    1.8x (Zen 4) to 3.4x (Xeon with AMX) as fast as fp32 (docs/PERFORMANCE.md); elsewhere oneDNN emulates bf16,
-    slower than fp32."""
+    """True where the CPU has bfloat16 instructions (AVX512_BF16 or AMX): there bf16 ran a ViT image tower 1.8x
+    (Zen 4) to 3.4x (Xeon with AMX) as fast as fp32 (docs/PERFORMANCE.md); elsewhere oneDNN emulates bf16, slower
+    than fp32. Having them is not enough for 'auto' to take bf16: see bf16_pays."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch 2.14: absent means no
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
+#: how much faster than fp32 a bf16 product must run here for 'auto' to run the image tower's products in bf16
+#: (bf16_pays). Where bf16 was chosen, ViT-B-32's image tower ran 1.8x (Zen 4) to 3.4x (Xeon with AMX) as fast as
+#: fp32; on a Xeon VM with AVX512_BF16 but no AMX a product ran at 0.53x and the tower at 0.56x (session 19).
+BF16_MIN_SPEEDUP = 1.3
+
+
+def bf16_product_speedup(rows: int = 256, width: int = 768, reps: int = 3) -> float:
+    """fp32's time over bf16's for one product the size of a ViT-B MLP's first layer (``rows`` tokens of ``width``
+    by ``4 * width`` outputs, ``F.linear`` as Bf16Linear runs it) on torch's current threads: the best of ``reps``
+    runs of each, interleaved, after one of each to warm up."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=generator)
+    weight = torch.randn(4 * width, width, generator=generator)
+    pairs = {torch.float32: (x, weight), torch.bfloat16: (x.to(torch.bfloat16), weight.to(torch.bfloat16))}
+    best = dict.fromkeys(pairs, float("inf"))
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            for dtype, (a, b) in pairs.items():
+                started = time.perf_counter()
+                F.linear(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - started)  # the first, a warm-up, is slowest
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+@functools.cache
+def bf16_pays() -> bool:
+    """Whether 'auto' runs the image tower's products in bf16 on this CPU: it has the instructions (native_bf16)
+    and a product measured once per process (bf16_product_speedup, about 0.1 s) runs at least BF16_MIN_SPEEDUP
+    times as fast as fp32's. The instructions alone are not enough: a Xeon VM with AVX512_BF16 but no AMX ran bf16
+    products at half fp32's speed."""
+    if not native_bf16():
+        return False
+    speedup = bf16_product_speedup()
+    pays = speedup >= BF16_MIN_SPEEDUP
+    log.info(
+        "bf16 products run at %.2fx fp32's speed on this CPU: 'auto' runs the image tower in %s",
+        speedup,
+        "bf16" if pays else "fp32",
+    )
+    return pays
 
 
 def set_cpu_threads(threads: int) -> None:

@@ -57,6 +57,8 @@ DEFAULT_FACETS = 20
 MAX_FACETS = 100
 #: catalog vectors scored per query to estimate the background of the automatic cut-off (see app/cutoff.py)
 CUTOFF_SAMPLE_SIZE = 2000
+#: the text a start's warm-up encodes: the opening of CLIP's prompts, which the prefix cache then holds
+WARM_UP_TEXT = "a photo of a"
 
 SortOrder = Literal["relevance", "date"]
 
@@ -387,6 +389,8 @@ class SearchService:
         self._images_counting = images_counting
         self._count_lock = threading.Lock()
         self._background_lock = threading.Lock()
+        #: the start's warm-up (app.api.main), when it runs one: its seconds, or None if it failed
+        self.warmed: Future[float | None] | None = None
 
     # --- index lifecycle -------------------------------------------------------------------------
 
@@ -441,6 +445,19 @@ class SearchService:
             self._problem = str(exc)
             log.warning("the service starts without an index: %s", exc)
         return self.readiness(refresh=False)
+
+    def warm_up(self) -> float:
+        """Run one query's path once, so that the first real query does not pay for it: the text tower's first run
+        (ONNX Runtime allocates its buffers then; the prefix cache keeps WARM_UP_TEXT's tokens), the index's search at
+        full depth and the automatic cut-off's catalog sample (read from the store). Nothing enters the query cache.
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        vector = self.encoder.encode_texts([WARM_UP_TEXT])[0]
+        index = self._index
+        if index is not None:
+            index.search(vector[None, :], self.settings.search_max_candidates)
+            self.background_sample()
+        return time.perf_counter() - started
 
     def maybe_refresh(self) -> bool:
         """Swap in a newer index when the manifest changed, checking at most every index_check_seconds.

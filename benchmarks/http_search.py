@@ -19,10 +19,12 @@ vectors, 40 requests, concurrency 1 and 8, written to http_search-quick.*. Resul
 (other modes: http_search-<mode>.*). The random weights are saved once as a checkpoint file that every start loads,
 as a user's downloaded weights; the server is started --starts times (default 3), each timed to its first /readyz
 200, and the load runs against the last start once its labels snapshot is in memory (--ready-only: the starts only,
-written to *-ready.*). Each row also gives the p50 of the service's own took_ms, which leaves out HTTP and the
-client. Building the 1M catalog takes minutes: --catalog-dir DIR keeps it (weights, store, index and the ONNX
-exports) in DIR and reuses it when a later run asks for the same catalog, which makes A/B runs of two codes cheap;
-a reused catalog's first start is then not the exporting one.
+written to *-ready.*). After each start's labels are in memory it times that start's first three queries (new
+texts, cutoff=auto as the web UI asks), what the start's warm-up saves (CLIPSEARCH_WARM_UP=false in this process's
+environment turns it off for an A/B). Each row also gives the p50 of the service's own took_ms, which leaves out
+HTTP and the client. Building the 1M catalog takes minutes: --catalog-dir DIR keeps it (weights, store, index and
+the ONNX exports) in DIR and reuses it when a later run asks for the same catalog, which makes A/B runs of two codes
+cheap; a reused catalog's first start is then not the exporting one.
 """
 
 from __future__ import annotations
@@ -328,6 +330,7 @@ def main() -> None:
     ready: list[float] = []
     switched: list[float] = []
     labels_after: list[float] = []
+    first_queries: list[list[tuple[float, float]]] = []
     try:
         for start in range(max(1, args.starts)):
             server, seconds = start_server(cmd, env, base, data_dir / f"server-{start + 1}.log")
@@ -338,6 +341,8 @@ def main() -> None:
                 print(f"start {start + 1}: on ONNX Runtime {switched[-1]:.2f}s after ready", flush=True)
             labels_after.append(wait_for_ready_field(base, "labels", "memory", server))
             print(f"start {start + 1}: labels in memory {labels_after[-1]:.2f}s after ready", flush=True)
+            first_queries.append(first_queries_ms(base))
+            print(f"start {start + 1}: first queries (ms, client / service) {first_queries[-1]}", flush=True)
             if start + 1 < max(1, args.starts) or args.ready_only:
                 stop_server(server)
         if not args.ready_only:
@@ -362,6 +367,10 @@ def main() -> None:
         )
         + f" {args.tags} tags per image; seconds from ready to the labels snapshot in memory, per start: "
         + ", ".join(f"{s:.2f}" for s in labels_after)
+        + ". First queries of each start, after that (new texts, cutoff=auto as the web UI asks; ms, client / "
+        "service): "
+        + "; ".join(", ".join(f"{c:.1f} / {t:.1f}" for c, t in start) for start in first_queries)
+        + f" (CLIPSEARCH_WARM_UP={os.environ.get('CLIPSEARCH_WARM_UP', 'true')})"
         + ". server ms: the p50 of the service's own took_ms (the rest is HTTP and the client).",
         "",
         "| vectors | inference | threads | concurrency | queries | requests | errors | p50 ms | p99 ms "
@@ -386,12 +395,37 @@ def main() -> None:
             "ready_per_start_s": ready,
             "onnx_after_ready_s": switched,
             "labels_after_ready_s": labels_after,
+            "first_queries_ms": first_queries,
+            "warm_up": os.environ.get("CLIPSEARCH_WARM_UP", "true"),
             "tags_per_image": args.tags,
             "build_s": build_s,
             "rows": rows,
         },
         "\n".join(lines),
     )
+
+
+#: a start's first queries (every start asks these; a new process has no cache of them; none opens like the
+#: warm-up's text, "a photo of a")
+FIRST_TEXTS = ("a green tram in the fog", "two horses by a fence", "an empty beach at dawn")
+
+
+def first_queries_ms(base: str) -> list[tuple[float, float]]:
+    """Client and service milliseconds of the first queries a start answers, cutoff=auto as the web UI sends them:
+    what the start's warm-up (CLIPSEARCH_WARM_UP) is for."""
+    client = RawClient(base)
+    timings: list[tuple[float, float]] = []
+    try:
+        for text in FIRST_TEXTS:
+            target = "/search?" + urllib.parse.urlencode({"q": text, "k": 20, "cutoff": "auto"})
+            t0 = time.perf_counter()
+            status, body = client.get(target)
+            if status != 200:
+                raise SystemExit(f"GET {target}: status {status}: {body[:200]!r}")
+            timings.append(((time.perf_counter() - t0) * 1000, float(json.loads(body)["took_ms"])))
+    finally:
+        client.close()
+    return timings
 
 
 def run_levels(base: str, args: argparse.Namespace) -> list[dict[str, object]]:

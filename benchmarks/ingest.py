@@ -350,7 +350,7 @@ def main() -> None:
     parser.add_argument(
         "--camera-mp", type=float, default=12.0, help="also time camera-size JPEGs of this many megapixels (0: no)"
     )
-    parser.add_argument("--camera-images", type=int, default=64, help="camera-size photos per model")
+    parser.add_argument("--camera-images", type=int, default=64, help="camera-size photos per model (0: none)")
     parser.add_argument("--lanes", type=int, default=0, help="CLIPSEARCH_ENCODE_LANES for the indexing encoders")
     args = parser.parse_args()
     quant = not args.no_int8
@@ -371,8 +371,8 @@ def main() -> None:
             rounds = 1 if args.quick else args.rounds
             rows.append(bench_model(label, settings, pick_photos(count), quant, rounds, lanes=args.lanes))
             print(rows[-1], flush=True)
-            if args.camera_mp > 0:
-                camera = 16 if args.quick else args.camera_images
+            camera = 16 if args.quick else args.camera_images
+            if args.camera_mp > 0 and camera > 0:
                 with camera_photos(camera, args.camera_mp) as big:
                     photo_set = f"{args.camera_mp:g} MP JPEGs"
                     rows.append(bench_model(label, settings, big, False, rounds, photo_set, lanes=args.lanes))

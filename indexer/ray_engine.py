@@ -43,7 +43,7 @@ from tqdm import tqdm
 from app.config import Settings
 from app.encoder import Encoder, resolve_device
 from app.errors import ClipSearchError
-from app.quantize import native_bf16
+from app.quantize import bf16_pays
 from app.store import HASH_FIELDS, Store
 from indexer.ondisk import write_store_parts
 from indexer.pipeline import Indexer, IndexSummary, Plan, Prepared, PrepareOptions, embed_batch, prepare_file
@@ -163,8 +163,8 @@ class EmbedPartitions:
 
     With ``image_tower`` (the driver's ONNX export) the actor runs that file in ONNX Runtime and builds no model:
     the same vectors as the driver's encoder, and seconds less to start. Without it, the actor loads the model
-    through torch; 'auto' then means torch fp32 (bf16 on a CPU that multiplies it natively, as an indexing encoder
-    under 'auto' runs its image tower there), as each actor would otherwise export the towers itself."""
+    through torch; 'auto' then means torch fp32 (bf16 on a CPU that multiplies it natively and fast, as an indexing
+    encoder under 'auto' runs its image tower there), as each actor would otherwise export the towers itself."""
 
     def __init__(self, settings: Settings, image_tower: ShippedImageTower | None = None) -> None:
         self.settings = settings
@@ -195,9 +195,9 @@ class EmbedPartitions:
 
 
 def _actor_auto_mode(settings: Settings) -> str:
-    """What 'auto' means for an actor that loads the model itself: bf16 on a CPU that multiplies it natively,
-    else fp32 (no ONNX export per actor)."""
-    return "bf16" if resolve_device(settings.device).type == "cpu" and native_bf16() else "fp32"
+    """What 'auto' means for an actor that loads the model itself: bf16 on a CPU that multiplies it natively and
+    faster than fp32 (app.quantize.bf16_pays), else fp32 (no ONNX export per actor)."""
+    return "bf16" if resolve_device(settings.device).type == "cpu" and bf16_pays() else "fp32"
 
 
 def _pack_prepared(items: list[Prepared]) -> bytes:

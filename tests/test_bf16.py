@@ -101,6 +101,7 @@ def test_bf16_is_cpu_only_and_warns_where_the_cpu_emulates_it(
     with pytest.raises(ModelLoadError, match="CLIPSEARCH_DEVICE=cpu"):
         quantize.check_inference("bf16", torch.device("cuda"))
     monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    monkeypatch.setattr(quantize, "bf16_pays", lambda: True)
     with caplog.at_level(logging.WARNING, logger="app.quantize"):
         assert quantize.check_inference("bf16", torch.device("cpu")) == "bf16"
     assert not caplog.records
@@ -108,6 +109,45 @@ def test_bf16_is_cpu_only_and_warns_where_the_cpu_emulates_it(
     with caplog.at_level(logging.WARNING, logger="app.quantize"):
         assert quantize.check_inference("bf16", torch.device("cpu")) == "bf16"
     assert "no native bfloat16" in caplog.text and "use 'auto'" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    monkeypatch.setattr(quantize, "bf16_pays", lambda: False)  # the instructions, but slow products
+    with caplog.at_level(logging.WARNING, logger="app.quantize"):
+        assert quantize.check_inference("bf16", torch.device("cpu")) == "bf16"
+    assert "no faster than fp32" in caplog.text and "use 'auto'" in caplog.text
+
+
+def test_auto_takes_bf16_only_where_its_products_run_faster_than_fp32(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    measured: list[int] = []
+
+    def speedup(value: float) -> object:
+        return lambda: measured.append(1) or value
+
+    quantize.bf16_pays.cache_clear()
+    try:
+        monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+        monkeypatch.setattr(quantize, "bf16_product_speedup", speedup(3.0))
+        assert quantize.bf16_pays() is False and not measured  # no instructions: nothing to measure
+        for ratio, expected in ((3.4, True), (1.8, True), (0.53, False), (1.1, False)):
+            quantize.bf16_pays.cache_clear()
+            monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+            monkeypatch.setattr(quantize, "bf16_product_speedup", speedup(ratio))
+            with caplog.at_level(logging.INFO, logger="app.quantize"):
+                assert quantize.bf16_pays() is expected, ratio
+                assert quantize.bf16_pays() is expected  # measured once per process
+            assert f"at {ratio:.2f}x fp32's speed" in caplog.text
+            assert ("image tower in bf16" if expected else "image tower in fp32") in caplog.text
+            caplog.clear()
+        assert len(measured) == 4
+    finally:
+        quantize.bf16_pays.cache_clear()
+
+
+def test_the_bf16_probe_times_real_products() -> None:
+    ratio = quantize.bf16_product_speedup(rows=32, width=64, reps=2)
+    assert np.isfinite(ratio) and ratio > 0
 
 
 def test_native_bf16_reads_the_cpus_bfloat16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +189,7 @@ def test_auto_indexing_runs_images_on_bf16_where_the_cpu_multiplies_it(
     from app import onnx_backend
     from app.onnx_encoder import OnnxEncoder
 
-    monkeypatch.setattr(encoder_module, "native_bf16", lambda: native)
+    monkeypatch.setattr(encoder_module, "bf16_pays", lambda: native)
     opened: list[str] = []
     real_session = onnx_backend.new_session
     monkeypatch.setattr(
@@ -186,12 +226,12 @@ def test_ray_actors_under_auto_run_bf16_where_native_else_fp32(
     from indexer import ray_engine
 
     auto = settings.with_overrides(inference="auto", device="cpu")
-    monkeypatch.setattr(ray_engine, "native_bf16", lambda: True)
+    monkeypatch.setattr(ray_engine, "bf16_pays", lambda: True)
     assert ray_engine._actor_auto_mode(auto) == "bf16"
     monkeypatch.setattr(ray_engine, "resolve_device", lambda requested: torch.device("cuda"))
     assert ray_engine._actor_auto_mode(auto) == "fp32"  # a GPU actor: autocast, not bf16 weights
     monkeypatch.undo()
-    monkeypatch.setattr(ray_engine, "native_bf16", lambda: False)
+    monkeypatch.setattr(ray_engine, "bf16_pays", lambda: False)
     assert ray_engine._actor_auto_mode(auto) == "fp32"
 
 

@@ -132,9 +132,9 @@ def test_bf16_prompts_keep_the_trained_models_classes(
     vocab = imagenet_vocabulary()
     prompts = [p[:16] for p in vocab.prompts_per_label()]
     reference = class_embeddings(fp32, prompts)
-    monkeypatch.setattr(app.encoder, "native_bf16", lambda: False)
+    monkeypatch.setattr(app.encoder, "bf16_pays", lambda: False)
     np.testing.assert_array_equal(class_embeddings(bf16, prompts), reference)  # emulated bf16: fp32's products
-    monkeypatch.setattr(app.encoder, "native_bf16", lambda: True)
+    monkeypatch.setattr(app.encoder, "bf16_pays", lambda: True)
     got = class_embeddings(bf16, prompts)
     cosines = (reference * got).sum(axis=1)
     assert cosines.min() >= 0.9995 and not np.array_equal(reference, got)  # close, and really another path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,7 +20,7 @@ from app.api.metrics import Metrics, MetricsMiddleware
 from app.config import Settings
 from app.duplicates import DupeService
 from app.preload import IndexPreload
-from app.search import SearchService, open_service
+from app.search import SearchService, in_background, open_service
 from app.thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,22 @@ def _open_service(settings: Settings, preload: IndexPreload | None) -> SearchSer
     service.labels.start()  # the labels snapshot for facets and tag filters, on a background thread
     if readiness.ready:
         log.info("ready: %s, %d images", service.spec.label, service.index_count)
+    if settings.warm_up:
+        service.warmed = in_background(_warm_up(service), name="warm-up")
     return service
+
+
+def _warm_up(service: SearchService) -> Callable[[], float | None]:
+    def run() -> float | None:
+        try:
+            seconds = service.warm_up()
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up leaves the first query to pay, nothing more
+            log.warning("warm-up failed (the first query will be slower): %s", exc)
+            return None
+        log.info("warmed up in %.0f ms", seconds * 1000.0)
+        return seconds
+
+    return run
 
 
 def _mount_frontend(app: FastAPI, folder: Path) -> None:

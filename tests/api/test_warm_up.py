@@ -1,0 +1,83 @@
+"""The service's start warms one query's path in the background (CLIPSEARCH_WARM_UP): the text tower, the index and the
+automatic cut-off's catalog sample, without putting anything in the query cache."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api import create_app
+from app.config import Settings
+from app.encoder import Encoder
+from app.search import WARM_UP_TEXT, SearchService
+from tests.api.conftest import api_settings, build_index
+from tests.helpers import copy_photos
+
+WAIT_S = 120.0
+
+
+def metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name))
+    return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Four real photos indexed with the tiny model; settings serving them on ONNX Runtime."""
+    root = tmp_path_factory.mktemp("warm")
+    copy_photos(root / "catalog", 4)
+    settings = api_settings(root / "data", tiny_model_dir, inference="onnx")
+    build_index(settings, Encoder.from_settings(settings), [root / "catalog"])
+    return settings
+
+
+def service_of(client: TestClient) -> SearchService:
+    service: SearchService = client.app.state.service  # type: ignore[attr-defined]
+    return service
+
+
+def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(served: Settings) -> None:
+    with TestClient(create_app(served)) as client:
+        service = service_of(client)
+        assert service.warmed is not None
+        seconds = service.warmed.result(timeout=WAIT_S)
+        assert seconds is not None and seconds > 0
+        warmed = client.get("/metrics").text
+        # the warm-up's tokens ran through the tower; nothing of it is a cached query
+        assert metric(warmed, 'clipsearch_text_token_rows{kind="computed"}') >= len(WARM_UP_TEXT.split()) + 2
+        assert len(service.text_cache) == 0
+        # the cut-off's sample is read, for the index being served
+        background = service._background
+        assert background is not None and background[0] is service._index and len(background[1]) == 4
+        body = client.get("/search", params={"q": f"{WARM_UP_TEXT} dog", "k": 4, "cutoff": "auto"}).json()
+        assert body["cutoff"] is not None and len(body["hits"]) == 4
+        after = client.get("/metrics").text
+    # the query took "<start> a photo of a" from the warm-up's prefixes
+    cached = metric(after, 'clipsearch_text_token_rows{kind="cached"}')
+    assert cached >= len(WARM_UP_TEXT.split()) + 1
+
+
+def test_no_warm_up_when_turned_off(served: Settings) -> None:
+    with TestClient(create_app(served.model_copy(update={"warm_up": False}))) as client:
+        service = service_of(client)
+        assert client.get("/readyz").status_code == 200
+        assert service.warmed is None and service._background is None
+        assert metric(client.get("/metrics").text, 'clipsearch_text_token_rows{kind="computed"}') == 0
+
+
+def test_a_failed_warm_up_is_logged_and_the_service_still_answers(
+    served: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: SearchService) -> float:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(SearchService, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="app.api.main"), TestClient(create_app(served)) as client:
+        service = service_of(client)
+        assert service.warmed is not None and service.warmed.result(timeout=WAIT_S) is None
+        response = client.get("/search", params={"q": "a dog", "k": 2})
+        assert response.status_code == 200 and len(response.json()["hits"]) == 2
+    assert "warm-up failed (the first query will be slower): the disk went away" in caplog.text
