@@ -209,9 +209,10 @@ def bench_model(
     Paths: the canonical loop, model-only and clipsearch on torch fp32 (clipsearch with the indexing encoder's
     lanes, and with one lane, the design before them); int8 model-only; and the default inference ('auto', which
     is ONNX Runtime fp32 on a CPU for fixed weights, the image tower of an indexing run on torch bf16 where the CPU
-    multiplies bf16 natively): ORT model-only on the service's session (every thread on one call), model-only
-    through the default's lanes, and clipsearch. Where the CPU has native bf16: bf16 model-only (every thread on
-    one call) and clipsearch with the image tower on ORT fp32 ('onnx', the default before bf16).
+    multiplies bf16 natively and faster than fp32, app.quantize.bf16_pays): ORT model-only on the service's session
+    (every thread on one call), model-only through the default's lanes, and clipsearch. Where the CPU has bf16
+    instructions: bf16 model-only (every thread on one call), and where the default runs bf16, clipsearch with the
+    image tower on ORT fp32 ('onnx', the default before bf16).
     ``settings.pretrained`` must name fixed weights (a file, a local-dir model) so that every path runs the same
     model."""
     bs = settings.batch_size
@@ -222,7 +223,7 @@ def bench_model(
     ort = Encoder.from_settings(default_settings)  # the service's: every thread on one call
     ort_lanes = Encoder.from_settings(default_settings, indexing=True)
     assert ort.inference == ort_lanes.inference == "onnx", ort.inference
-    default_images = ort_lanes.image_inference  # 'bf16' where the CPU multiplies it natively, else 'onnx'
+    default_images = ort_lanes.image_inference  # "bf16" where bf16 products pay here (bf16_pays), else "onnx"
     bf16 = Encoder.from_settings(settings.with_overrides(inference="bf16")) if native_bf16() else None
     onnx_lanes = (
         Encoder.from_settings(settings.with_overrides(inference="onnx", encode_lanes=lanes), indexing=True)
@@ -403,9 +404,9 @@ def main() -> None:
     lines += [
         "",
         "The default inference ('auto': ONNX Runtime fp32 on a CPU; an indexing run's image tower on torch bf16 "
-        "where the CPU multiplies bf16 natively), clipsearch with its lanes, against the model-only rate of what its "
-        "image tower runs (every thread on one call; and through the lanes), ORT fp32 model-only, torch fp32 "
-        "model-only and the canonical loop:",
+        "where the CPU multiplies bf16 natively and faster than fp32), clipsearch with its lanes, against the "
+        "model-only rate of what its image tower runs (every thread on one call; and through the lanes), ORT fp32 "
+        "model-only, torch fp32 model-only and the canonical loop:",
         "",
         "| model | photos | image tower | clipsearch img/s | its model-only img/s | ours / its model-only "
         "| ours / its model-only in lanes | ours / ORT fp32 model-only | ours / torch fp32 model-only "
@@ -423,7 +424,7 @@ def main() -> None:
         )
     bf16_rows = [r for r in rows if "bf16_model_only_img_s" in r]
     if bf16_rows:
-        lines += ["", "This CPU multiplies bf16 natively: bf16 model-only (the opt-in CLIPSEARCH_INFERENCE=bf16, "
+        lines += ["", "This CPU has bf16 instructions: bf16 model-only (the opt-in CLIPSEARCH_INFERENCE=bf16, "
                   "every thread on one call) against torch fp32 and ORT fp32 model-only; the default's clipsearch "
                   "against clipsearch with the image tower on ORT fp32 ('onnx', the default before bf16):", "",
                   "| model | photos | bf16 model-only img/s | bf16 / torch fp32 | bf16 / ORT fp32 "
