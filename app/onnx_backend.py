@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.onnx_encoder import OnnxTowers
+from app.onnx_encoder import TEXT_SPIN, OnnxTowers
 from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
 from app.text_prefix import PrefixTower, attention_heads, project_text
@@ -295,10 +295,10 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def new_session(path: Path, threads: int = 0) -> Any:
+def new_session(path: Path, threads: int = 0, *, spin: bool = False) -> Any:
     """An ORT CPU session on ``path`` with ``threads`` intra-op threads (0: torch's count); see
     app.onnx_encoder.new_session."""
-    return onnx_session(path, threads or torch.get_num_threads())
+    return onnx_session(path, threads or torch.get_num_threads(), spin=spin)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -365,11 +365,12 @@ def load_towers(
         """The tower's session; with ``opened`` false, True once its file is there (exported if need be)."""
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
         tower_threads = image_threads if tower == "image" and image_threads else threads
+        spin = TEXT_SPIN and tower == "text"
         if not opened and path.exists():
             return True
         if path.exists():
             try:
-                return new_session(path, tower_threads)
+                return new_session(path, tower_threads, spin=spin)
             except Exception as exc:  # truncated or corrupt (ORT says which): build it again
                 log.warning("the cached ONNX file %s does not load (%s): exporting it again", path, exc)
                 fp32_path.unlink(missing_ok=True)
@@ -386,7 +387,7 @@ def load_towers(
                 export(fp32_path)
                 if path != fp32_path:
                     quantize_file(fp32_path, path)
-            return new_session(path, tower_threads) if opened else True
+            return new_session(path, tower_threads, spin=spin) if opened else True
         except OnnxExportError as exc:
             reason, level = str(exc), logging.WARNING if chosen else logging.INFO
         except Exception as exc:

@@ -157,6 +157,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+#: whether text towers' sessions spin-wait between operators (see new_session)
+TEXT_SPIN = True
 #: ORT's session.dynamic_block_base (see new_session); 0 turns it off
 DYNAMIC_BLOCK_BASE = 4
 
@@ -166,20 +168,25 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def new_session(path: Path | bytes, threads: int = 0) -> Any:
+def new_session(path: Path | bytes, threads: int = 0, *, spin: bool = False) -> Any:
     """An ORT CPU session on ``path`` (or a model's bytes): graph optimisation level ALL, ``threads`` intra-op
-    threads (0: the default), no spin-waiting between calls (spinning threads would take the cores from FAISS
-    and torch), and ORT's dynamic block sizing of parallel loops: without spinning, the second thread wakes late
-    into each operator, and fixed halves leave the first one waiting for it at the end; with blocks claimed as
-    the threads come (base 4), a one-query ViT-B-32 text encode ran 0.7 ms faster (11.55 -> 10.75-10.89 ms p50
-    in process, bases 1, 2 and 4 alike) and image batches at the same rate (docs/PERFORMANCE.md, session 18)."""
+    threads (0: the default), and ORT's dynamic block sizing of parallel loops: without spinning, the second
+    thread wakes late into each operator, and fixed halves leave the first one waiting for it at the end; with
+    blocks claimed as the threads come (base 4), a one-query ViT-B-32 text encode ran 0.7 ms faster (11.55 ->
+    10.75-10.89 ms p50 in process, bases 1, 2 and 4 alike) and image batches at the same rate (docs/PERFORMANCE.md,
+    session 18). ``spin``: during a run the intra-op threads spin-wait for the next operator instead of sleeping,
+    and stop when the run ends. Text towers spin (TEXT_SPIN): a one-query encode is a few hundred operators of tens
+    of microseconds, and waking the second thread for each cost 1.6-2.4 ms of 9.5 (session 19); image towers,
+    whose operators are long and whose indexer lanes share the cores with photo preparation, do not."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:  # but not after a run: left spinning, a thread burnt 35 ms of CPU in the 50 ms after each query
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.add_session_config_entry("session.dynamic_block_base", str(DYNAMIC_BLOCK_BASE))
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -270,7 +277,7 @@ class OnnxEncoder:
 
         def build(name: str, path: str) -> None:
             try:
-                sessions[name] = new_session(Path(path), threads)
+                sessions[name] = new_session(Path(path), threads, spin=TEXT_SPIN and name == "text")
             except BaseException as exc:  # noqa: BLE001 - raised below, on the caller's thread
                 errors.append(exc)
 
@@ -289,7 +296,7 @@ class OnnxEncoder:
             path = Path((self.record.text_file if tower == "text" else self.record.image_file)[0])
             started = time.perf_counter()
             try:
-                setattr(self.towers, tower, new_session(path, self._threads))
+                setattr(self.towers, tower, new_session(path, self._threads, spin=TEXT_SPIN and tower == "text"))
             except Exception as exc:
                 raise ModelLoadError(
                     f"the exported {tower} tower {path} cannot be loaded ({exc}): delete that file and run the "

@@ -113,6 +113,34 @@ def test_a_lazy_start_opens_each_tower_at_its_first_use(tmp_path: Path, model_di
     assert found[0] == found[1] and len(found[0]) == 3
 
 
+def spins(session: object) -> tuple[str, str]:
+    """A session's spin-wait settings: (during a run, stopped after it)."""
+    options = session.get_session_options()  # type: ignore[attr-defined]
+
+    def entry(key: str) -> str:
+        try:
+            return str(options.get_session_config_entry(key))
+        except RuntimeError:  # not set
+            return ""
+
+    return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
+
+
+def test_text_sessions_spin_during_a_run_and_image_sessions_do_not(tmp_path: Path, model_dir: Path) -> None:
+    # a one-query text encode is hundreds of short operators: its threads spin between them, and stop after the run
+    settings = onnx_settings(tmp_path / "data", model_dir, "onnx")
+    torch_start = load_encoder(settings)  # exports through torch, then records
+    eager = load_encoder(settings)
+    lazy = load_encoder(settings, lazy_towers=True)
+    assert isinstance(torch_start, Encoder) and isinstance(eager, OnnxEncoder) and isinstance(lazy, OnnxEncoder)
+    lazy.encode_texts(TEXTS[:1])
+    lazy.encode_pixels(np.zeros((1, 3, lazy.image_size, lazy.image_size), dtype=np.float32))
+    assert torch_start._onnx is not None
+    for towers in (torch_start._onnx, eager.towers, lazy.towers):
+        assert spins(towers.text) == ("1", "1")
+        assert spins(towers.image) == ("0", "")
+
+
 def test_the_service_starts_without_importing_torch(tmp_path: Path, model_dir: Path) -> None:
     settings = onnx_settings(tmp_path / "data", model_dir)
     expected = Encoder.from_settings(settings).encode_texts(["a red bicycle"])[0]  # exports and records
