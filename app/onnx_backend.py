@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.onnx_encoder import TEXT_SPIN, OnnxTowers
+from app.onnx_encoder import OnnxTowers, text_spin
 from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
 from app.text_prefix import PrefixTower, attention_heads, project_text
@@ -365,7 +365,7 @@ def load_towers(
         """The tower's session; with ``opened`` false, True once its file is there (exported if need be)."""
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
         tower_threads = image_threads if tower == "image" and image_threads else threads
-        spin = TEXT_SPIN and tower == "text"
+        spin = text_spin() and tower == "text"
         if not opened and path.exists():
             return True
         if path.exists():

@@ -20,7 +20,14 @@ from app.encoder import Encoder
 from app.errors import ModelLoadError
 from app.imaging import decode_image, model_draft_size
 from app.model_spec import ModelSpec
-from app.onnx_encoder import LaunchRecord, OnnxEncoder, load_encoder, record_path, weights_identity
+from app.onnx_encoder import (
+    LaunchRecord,
+    OnnxEncoder,
+    load_encoder,
+    record_path,
+    set_text_spin,
+    weights_identity,
+)
 from app.search import open_service
 from tests.api.conftest import api_settings, build_index
 from tests.helpers import copy_photos, register_tiny_architecture, save_local_dir_model
@@ -139,6 +146,12 @@ def test_text_sessions_spin_during_a_run_and_image_sessions_do_not(tmp_path: Pat
     for towers in (torch_start._onnx, eager.towers, lazy.towers):
         assert spins(towers.text) == ("1", "1")
         assert spins(towers.image) == ("0", "")
+    try:  # CLIPSEARCH_TEXT_SPIN=false: every session sleeps between operators
+        quiet = load_encoder(settings.model_copy(update={"text_spin": False}))
+        assert isinstance(quiet, OnnxEncoder)
+        assert spins(quiet.towers.text) == spins(quiet.towers.image) == ("0", "")
+    finally:
+        set_text_spin(True)
 
 
 def test_the_service_starts_without_importing_torch(tmp_path: Path, model_dir: Path) -> None:
