@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,9 +193,12 @@ def test_auto_indexing_runs_images_on_bf16_where_the_cpu_multiplies_it(
     monkeypatch.setattr(encoder_module, "bf16_pays", lambda: native)
     opened: list[str] = []
     real_session = onnx_backend.new_session
-    monkeypatch.setattr(
-        onnx_backend, "new_session", lambda path, *a: opened.append(Path(path).name) or real_session(path, *a)
-    )
+
+    def recording_session(path: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).name)
+        return real_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_backend, "new_session", recording_session)
     settings = Settings(model=f"local-dir:{tiny_model_dir}", device="cpu", inference="auto", data_dir=tmp_path)
     for first_run in (True, False):  # exporting the towers, then finding them cached
         opened.clear()
