@@ -391,6 +391,8 @@ class SearchService:
         self._background_lock = threading.Lock()
         #: the start's warm-up (app.api.main), when it runs one: its seconds, or None if it failed
         self.warmed: Future[float | None] | None = None
+        #: the cut-off sample's read after the last index swap, when CLIPSEARCH_WARM_UP asks for it
+        self.sample_read: Future[np.ndarray] | None = None
 
     # --- index lifecycle -------------------------------------------------------------------------
 
@@ -433,6 +435,7 @@ class SearchService:
         if self._manifest is not None and current.index_file == self._manifest.index_file:
             return False
         self.load_index()
+        self._read_sample_ahead()
         return True
 
     def start(self, preload: IndexPreload | None = None) -> Readiness:
@@ -490,10 +493,18 @@ class SearchService:
         with self._refresh_lock:
             self._manifest_seen = self._manifest_signature()
             try:
-                return self.load_index()
+                manifest = self.load_index()
             except ClipSearchError as exc:
                 self._problem = str(exc)
                 raise
+            self._read_sample_ahead()
+            return manifest
+
+    def _read_sample_ahead(self) -> None:
+        """After an index swap (CLIPSEARCH_WARM_UP): read the new index's cut-off sample on a background thread, so
+        that the next query with cutoff=auto does not (about 0.2 s at 1M images)."""
+        if self.settings.warm_up:
+            self.sample_read = in_background(self.background_sample, name="cutoff-sample")
 
     def readiness(self, *, refresh: bool = True) -> Readiness:
         if refresh:

@@ -81,3 +81,25 @@ def test_a_failed_warm_up_is_logged_and_the_service_still_answers(
         response = client.get("/search", params={"q": "a dog", "k": 2})
         assert response.status_code == 200 and len(response.json()["hits"]) == 2
     assert "warm-up failed (the first query will be slower): the disk went away" in caplog.text
+
+
+def test_a_new_index_gets_its_cutoff_sample_read_ahead(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # a service started before its first index: once a query has swapped the index in, its sample is read ahead
+    settings = api_settings(tmp_path / "data", tiny_model_dir, inference="onnx")
+    copy_photos(tmp_path / "catalog", 3)
+    with TestClient(create_app(settings)) as client:
+        service = service_of(client)
+        assert service.warmed is not None and service.warmed.result(timeout=WAIT_S) is not None
+        assert client.get("/search", params={"q": "a dog"}).status_code == 503 and service.sample_read is None
+        build_index(settings, Encoder.from_settings(settings), [tmp_path / "catalog"])
+        assert client.get("/search", params={"q": "a dog"}).json()["total"] == 3  # the query that swaps it in
+        assert service.sample_read is not None
+        sample = service.sample_read.result(timeout=WAIT_S)
+        assert len(sample) == 3 and service._background is not None and service._background[0] is service._index
+        manifest = service.reload()  # the admin reload reads it ahead too
+        assert manifest.count == 3 and service.sample_read.result(timeout=WAIT_S) is service._background[1]
+    off = settings.model_copy(update={"warm_up": False})
+    with TestClient(create_app(off)) as client:
+        service = service_of(client)
+        service.reload()
+        assert service.sample_read is None and service._background is None
