@@ -137,6 +137,7 @@ class Encoder:
                 chosen=inference != AUTO,
                 image_threads=image_threads,
                 open_image=not images_bf16,
+                spin_image=not indexing,
             )
             if self._onnx is None:
                 self.inference = FP32
@@ -174,7 +175,7 @@ class Encoder:
         """Export (or load the cached export of) the towers while the encoder serves on torch, then use them."""
         try:
             started = time.perf_counter()
-            towers = _load_onnx(self.model, self.spec, mode, cache_dir, threads, chosen=False)
+            towers = _load_onnx(self.model, self.spec, mode, cache_dir, threads, chosen=False, spin_image=True)
             if towers is None:
                 return
             with self._lock:  # between two model calls
@@ -386,9 +387,11 @@ def _load_onnx(
     chosen: bool = True,
     image_threads: int = 0,
     open_image: bool = True,
+    spin_image: bool = False,
 ) -> Any | None:
     """ONNX Runtime sessions for ``model``'s towers (see app.onnx_backend), or None (with a warning saying
-    why) when neither tower can run there: the encoder then stays on torch fp32."""
+    why) when neither tower can run there: the encoder then stays on torch fp32. ``spin_image``: the image tower's
+    session spin-waits during a run like the text tower's (a service's; never the indexer's lanes)."""
     try:
         from app.onnx_backend import load_towers
     except ImportError as exc:
@@ -405,6 +408,7 @@ def _load_onnx(
         chosen=chosen,
         image_threads=image_threads,
         open_image=open_image,
+        spin_image=spin_image,
     )
     if towers.text is None and not towers.image_exported:
         log.warning(

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.onnx_encoder import OnnxTowers, text_spin
+from app.onnx_encoder import OnnxTowers, query_spin
 from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
 from app.text_prefix import PrefixTower, attention_heads, project_text
@@ -348,6 +348,7 @@ def load_towers(
     chosen: bool = True,
     image_threads: int = 0,
     open_image: bool = True,
+    spin_image: bool = False,
 ) -> OnnxTowers:
     """Sessions for ``model``'s towers in ``mode`` (onnx | onnx-int8), exporting (and quantising) into
     ``cache_root/<key>/`` what is not there yet or does not load. ``threads``: intra-op threads of both sessions
@@ -356,7 +357,9 @@ def load_towers(
     Hugging Face text tower) is said at INFO level when the mode was not ``chosen`` by the user but picked by
     CLIPSEARCH_INFERENCE=auto. With ``open_image`` false the image tower is exported where it is missing but given
     no session (``OnnxTowers.image_unopened``): a cached file is then not loaded to check it, and a broken one is
-    found, and exported again, by the next start that opens it (a service's ONNX start falls back to torch's)."""
+    found, and exported again, by the next start that opens it (a service's ONNX start falls back to torch's).
+    The text tower's session spin-waits between operators during a run where query_spin says so, and the image
+    tower's too with ``spin_image`` (a service's, not the indexer's lanes; see app.onnx_encoder.new_session)."""
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown ONNX mode {mode!r}: use one of {', '.join(ONNX_MODES)}")
     folder = cache_root / cache_key(store_key, model)
@@ -365,7 +368,7 @@ def load_towers(
         """The tower's session; with ``opened`` false, True once its file is there (exported if need be)."""
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
         tower_threads = image_threads if tower == "image" and image_threads else threads
-        spin = text_spin() and tower == "text"
+        spin = query_spin() and (tower == "text" or spin_image)
         if not opened and path.exists():
             return True
         if path.exists():

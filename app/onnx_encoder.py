@@ -157,19 +157,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-#: whether text towers' sessions made from now on spin-wait between operators during a run (see new_session;
-#: CLIPSEARCH_TEXT_SPIN, set by the service's ``load_encoder``)
-_text_spin = True
+#: whether the query sessions made from now on (text towers; image towers outside the indexer's lanes) spin-wait
+#: between operators during a run (see new_session; CLIPSEARCH_QUERY_SPIN, set by the service's ``load_encoder``)
+_query_spin = True
 
 
-def set_text_spin(on: bool) -> None:
-    """Whether the text towers' sessions made from now on spin-wait between operators (see new_session)."""
-    global _text_spin
-    _text_spin = bool(on)
+def set_query_spin(on: bool) -> None:
+    """Whether the query sessions made from now on spin-wait between operators during a run (see new_session)."""
+    global _query_spin
+    _query_spin = bool(on)
 
 
-def text_spin() -> bool:
-    return _text_spin
+def query_spin() -> bool:
+    return _query_spin
 
 
 #: ORT's session.dynamic_block_base (see new_session); 0 turns it off
@@ -188,11 +188,11 @@ def new_session(path: Path | bytes, threads: int = 0, *, spin: bool = False) -> 
     blocks claimed as the threads come (base 4), a one-query ViT-B-32 text encode ran 0.7 ms faster (11.55 ->
     10.75-10.89 ms p50 in process, bases 1, 2 and 4 alike) and image batches at the same rate (docs/PERFORMANCE.md,
     session 18). ``spin``: during a run the intra-op threads spin-wait for the next operator instead of sleeping,
-    and stop when the run ends. Text towers spin (text_spin, CLIPSEARCH_TEXT_SPIN): a one-query encode is a few
-    hundred operators of tens of microseconds, and waking the second thread for each cost 1.6-2.4 ms of 9.5 in
-    process (session 19); under concurrent queries the spinning thread holds a core that FAISS and the other
-    requests could use (about 5 % fewer queries per second at 8 clients). Image towers, whose operators are long
-    and whose indexer lanes share the cores with photo preparation, do not spin."""
+    and stop when the run ends. Query sessions spin (query_spin, CLIPSEARCH_QUERY_SPIN): a one-query text encode is
+    a few hundred operators of tens of microseconds, and waking the second thread for each cost 1.6-2.4 ms of 9.5
+    in process, an uploaded image's encode 5.8 ms of 54 (session 19); under concurrent queries the spinning thread
+    holds a core that FAISS and the other requests could use (about 5 % fewer queries per second at 8 clients).
+    The indexer's image sessions, whose lanes share the cores with photo preparation, never spin."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -292,7 +292,7 @@ class OnnxEncoder:
 
         def build(name: str, path: str) -> None:
             try:
-                sessions[name] = new_session(Path(path), threads, spin=text_spin() and name == "text")
+                sessions[name] = new_session(Path(path), threads, spin=query_spin())
             except BaseException as exc:  # noqa: BLE001 - raised below, on the caller's thread
                 errors.append(exc)
 
@@ -311,7 +311,7 @@ class OnnxEncoder:
             path = Path((self.record.text_file if tower == "text" else self.record.image_file)[0])
             started = time.perf_counter()
             try:
-                setattr(self.towers, tower, new_session(path, self._threads, spin=text_spin() and tower == "text"))
+                setattr(self.towers, tower, new_session(path, self._threads, spin=query_spin()))
             except Exception as exc:
                 raise ModelLoadError(
                     f"the exported {tower} tower {path} cannot be loaded ({exc}): delete that file and run the "
@@ -431,7 +431,7 @@ def load_encoder(
     torch meanwhile (Encoder.onnx_ready); one-off commands export first, so that the export is kept.
     ``lazy_towers`` (one-off commands): the ONNX start opens each tower's session at its first use."""
     set_prefix_cache_bytes(settings.text_prefix_cache_mb << 20)
-    set_text_spin(settings.text_spin)
+    set_query_spin(settings.query_spin)
     light = OnnxEncoder.open(settings, lazy=lazy_towers)
     if light is not None:
         return light

@@ -25,7 +25,7 @@ from app.onnx_encoder import (
     OnnxEncoder,
     load_encoder,
     record_path,
-    set_text_spin,
+    set_query_spin,
     weights_identity,
 )
 from app.search import open_service
@@ -133,8 +133,10 @@ def spins(session: object) -> tuple[str, str]:
     return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
 
 
-def test_text_sessions_spin_during_a_run_and_image_sessions_do_not(tmp_path: Path, model_dir: Path) -> None:
-    # a one-query text encode is hundreds of short operators: its threads spin between them, and stop after the run
+def test_query_sessions_spin_during_a_run_and_the_indexers_image_sessions_do_not(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    # a one-query encode is hundreds of short operators: the threads spin between them, and stop after the run
     settings = onnx_settings(tmp_path / "data", model_dir, "onnx")
     torch_start = load_encoder(settings)  # exports through torch, then records
     eager = load_encoder(settings)
@@ -144,14 +146,17 @@ def test_text_sessions_spin_during_a_run_and_image_sessions_do_not(tmp_path: Pat
     lazy.encode_pixels(np.zeros((1, 3, lazy.image_size, lazy.image_size), dtype=np.float32))
     assert torch_start._onnx is not None
     for towers in (torch_start._onnx, eager.towers, lazy.towers):
-        assert spins(towers.text) == ("1", "1")
-        assert spins(towers.image) == ("0", "")
-    try:  # CLIPSEARCH_TEXT_SPIN=false: every session sleeps between operators
-        quiet = load_encoder(settings.model_copy(update={"text_spin": False}))
+        assert spins(towers.text) == spins(towers.image) == ("1", "1")
+    for lanes in (2, 1):  # the indexer's image sessions share the cores with photo preparation: never
+        indexing = Encoder.from_settings(settings.with_overrides(encode_lanes=lanes), indexing=True)
+        assert indexing._onnx is not None and indexing._onnx.image is not None
+        assert spins(indexing._onnx.text) == ("1", "1") and spins(indexing._onnx.image) == ("0", ""), lanes
+    try:  # CLIPSEARCH_QUERY_SPIN=false: every session sleeps between operators
+        quiet = load_encoder(settings.model_copy(update={"query_spin": False}))
         assert isinstance(quiet, OnnxEncoder)
         assert spins(quiet.towers.text) == spins(quiet.towers.image) == ("0", "")
     finally:
-        set_text_spin(True)
+        set_query_spin(True)
 
 
 def test_the_service_starts_without_importing_torch(tmp_path: Path, model_dir: Path) -> None:
