@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.onnx_encoder import OnnxTowers, query_spin
+from app.onnx_encoder import OnnxTowers
 from app.onnx_encoder import new_session as onnx_session
 from app.quantize import ONNX, ONNX_INT8
 from app.text_prefix import PrefixTower, attention_heads, project_text
@@ -295,10 +295,10 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def new_session(path: Path, threads: int = 0, *, spin: bool = False) -> Any:
+def new_session(path: Path, threads: int = 0, *, query: bool = False) -> Any:
     """An ORT CPU session on ``path`` with ``threads`` intra-op threads (0: torch's count); see
     app.onnx_encoder.new_session."""
-    return onnx_session(path, threads or torch.get_num_threads(), spin=spin)
+    return onnx_session(path, threads or torch.get_num_threads(), query=query)
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -358,8 +358,8 @@ def load_towers(
     CLIPSEARCH_INFERENCE=auto. With ``open_image`` false the image tower is exported where it is missing but given
     no session (``OnnxTowers.image_unopened``): a cached file is then not loaded to check it, and a broken one is
     found, and exported again, by the next start that opens it (a service's ONNX start falls back to torch's).
-    The text tower's session spin-waits between operators during a run where query_spin says so, and the image
-    tower's too with ``spin_image`` (a service's, not the indexer's lanes; see app.onnx_encoder.new_session)."""
+    The text tower's session is a query session (its threads spin during a run, see app.onnx_encoder.new_session),
+    and so is the image tower's with ``spin_image`` (a service's; never the indexer's lanes)."""
     if mode not in ONNX_MODES:
         raise ValueError(f"unknown ONNX mode {mode!r}: use one of {', '.join(ONNX_MODES)}")
     folder = cache_root / cache_key(store_key, model)
@@ -368,12 +368,12 @@ def load_towers(
         """The tower's session; with ``opened`` false, True once its file is there (exported if need be)."""
         fp32_path, path = tower_path(folder, tower, ONNX), tower_path(folder, tower, mode)
         tower_threads = image_threads if tower == "image" and image_threads else threads
-        spin = query_spin() and (tower == "text" or spin_image)
+        query = tower == "text" or spin_image  # the indexer's lanes never spin
         if not opened and path.exists():
             return True
         if path.exists():
             try:
-                return new_session(path, tower_threads, spin=spin)
+                return new_session(path, tower_threads, query=query)
             except Exception as exc:  # truncated or corrupt (ORT says which): build it again
                 log.warning("the cached ONNX file %s does not load (%s): exporting it again", path, exc)
                 fp32_path.unlink(missing_ok=True)
@@ -390,7 +390,7 @@ def load_towers(
                 export(fp32_path)
                 if path != fp32_path:
                     quantize_file(fp32_path, path)
-            return new_session(path, tower_threads, spin=spin) if opened else True
+            return new_session(path, tower_threads, query=query) if opened else True
         except OnnxExportError as exc:
             reason, level = str(exc), logging.WARNING if chosen else logging.INFO
         except Exception as exc:

@@ -168,10 +168,6 @@ def set_query_spin(on: bool) -> None:
     _query_spin = bool(on)
 
 
-def query_spin() -> bool:
-    return _query_spin
-
-
 #: ORT's session.dynamic_block_base (see new_session); 0 turns it off
 DYNAMIC_BLOCK_BASE = 4
 
@@ -181,24 +177,26 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def new_session(path: Path | bytes, threads: int = 0, *, spin: bool = False) -> Any:
+def new_session(path: Path | bytes, threads: int = 0, *, query: bool = False) -> Any:
     """An ORT CPU session on ``path`` (or a model's bytes): graph optimisation level ALL, ``threads`` intra-op
     threads (0: the default), and ORT's dynamic block sizing of parallel loops: without spinning, the second
     thread wakes late into each operator, and fixed halves leave the first one waiting for it at the end; with
     blocks claimed as the threads come (base 4), a one-query ViT-B-32 text encode ran 0.7 ms faster (11.55 ->
     10.75-10.89 ms p50 in process, bases 1, 2 and 4 alike) and image batches at the same rate (docs/PERFORMANCE.md,
-    session 18). ``spin``: during a run the intra-op threads spin-wait for the next operator instead of sleeping,
-    and stop when the run ends. Query sessions spin (query_spin, CLIPSEARCH_QUERY_SPIN): a one-query text encode is
-    a few hundred operators of tens of microseconds, and waking the second thread for each cost 1.6-2.4 ms of 9.5
-    in process, an uploaded image's encode 5.8 ms of 54 (session 19); under concurrent queries the spinning thread
-    holds a core that FAISS and the other requests could use (about 5 % fewer queries per second at 8 clients).
-    The indexer's image sessions, whose lanes share the cores with photo preparation, never spin."""
+    session 18). ``query``: a session that answers queries, whose intra-op threads spin-wait for the next operator
+    during a run instead of sleeping, and stop when the run ends, unless set_query_spin turned that off
+    (CLIPSEARCH_QUERY_SPIN): a one-query text encode is a few hundred operators of tens of microseconds, and waking
+    the second thread for each cost 1.6-2.4 ms of 9.5 in process, an uploaded image's encode 5.8 ms of 54 (session
+    19); under concurrent queries the spinning thread holds a core that FAISS and the other requests could use
+    (about 5 % fewer queries per second at 8 clients). The indexer's image sessions, whose lanes share the cores
+    with photo preparation, never spin."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
+    spin = query and _query_spin
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if spin:  # but not after a run: left spinning, a thread burnt 35 ms of CPU in the 50 ms after each query
         options.add_session_config_entry("session.force_spinning_stop", "1")
@@ -292,7 +290,7 @@ class OnnxEncoder:
 
         def build(name: str, path: str) -> None:
             try:
-                sessions[name] = new_session(Path(path), threads, spin=query_spin())
+                sessions[name] = new_session(Path(path), threads, query=True)
             except BaseException as exc:  # noqa: BLE001 - raised below, on the caller's thread
                 errors.append(exc)
 
@@ -311,7 +309,7 @@ class OnnxEncoder:
             path = Path((self.record.text_file if tower == "text" else self.record.image_file)[0])
             started = time.perf_counter()
             try:
-                setattr(self.towers, tower, new_session(path, self._threads, spin=query_spin()))
+                setattr(self.towers, tower, new_session(path, self._threads, query=True))
             except Exception as exc:
                 raise ModelLoadError(
                     f"the exported {tower} tower {path} cannot be loaded ({exc}): delete that file and run the "

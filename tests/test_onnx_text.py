@@ -17,6 +17,7 @@ from app.encoder import Encoder, _pooled_positions
 from app.model_spec import ModelSpec
 from app.onnx_text import PastTextRunner, is_past_tower
 from tests.api.conftest import api_settings, build_index
+from tests.api.test_operations import metric_value
 from tests.helpers import copy_photos
 
 # typed one after another (each a prefix of the next, or sharing its first words), then unrelated ones
@@ -174,11 +175,6 @@ def test_a_tower_not_taken_apart_is_exported_whole_and_encodes_as_before(
     assert np.abs(encoder.encode_texts(texts) - want).max() <= 1e-5
 
 
-def metric(text: str, name: str) -> float:
-    line = next(line for line in text.splitlines() if line.startswith(name))
-    return float(line.rsplit(" ", 1)[1])
-
-
 def test_the_service_reuses_prefixes_and_reports_its_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     copy_photos(tmp_path / "catalog", 4)
@@ -190,8 +186,8 @@ def test_the_service_reuses_prefixes_and_reports_its_rows(tiny_model_dir: Path, 
         second = client.get("/search", params={"q": "a photo of an animal in the snow", "k": 4})
         assert first.status_code == second.status_code == 200
         text = client.get("/metrics").text
-    computed = metric(text, 'clipsearch_text_token_rows{kind="computed"}')
-    cached = metric(text, 'clipsearch_text_token_rows{kind="cached"}')
+    computed = metric_value(text, 'clipsearch_text_token_rows{kind="computed"}')
+    cached = metric_value(text, 'clipsearch_text_token_rows{kind="cached"}')
     # the second query took "<start> a photo of an animal" from the first: at least those 6 rows
     assert cached >= 6 and computed > 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -122,21 +122,19 @@ def _open_service(settings: Settings, preload: IndexPreload | None) -> SearchSer
     if readiness.ready:
         log.info("ready: %s, %d images", service.spec.label, service.index_count)
     if settings.warm_up:
-        service.warmed = in_background(_warm_up(service), name="warm-up")
+        service.warmed = in_background(lambda: _warm_up(service), name="warm-up")
     return service
 
 
-def _warm_up(service: SearchService) -> Callable[[], float | None]:
-    def run() -> float | None:
-        try:
-            seconds = service.warm_up()
-        except Exception as exc:  # noqa: BLE001 - a failed warm-up leaves the first query to pay, nothing more
-            log.warning("warm-up failed (the first query will be slower): %s", exc)
-            return None
-        log.info("warmed up in %.0f ms", seconds * 1000.0)
-        return seconds
-
-    return run
+def _warm_up(service: SearchService) -> float | None:
+    """``service.warm_up()``, logged; None when it failed (the first query then pays for it, nothing more)."""
+    try:
+        seconds = service.warm_up()
+    except Exception as exc:  # noqa: BLE001 - logged, and the service serves as it would have without it
+        log.warning("warm-up failed (the first query will be slower): %s", exc)
+        return None
+    log.info("warmed up in %.0f ms", seconds * 1000.0)
+    return seconds
 
 
 def _mount_frontend(app: FastAPI, folder: Path) -> None:

@@ -14,14 +14,10 @@ from app.config import Settings
 from app.encoder import Encoder
 from app.search import WARM_UP_TEXT, SearchService
 from tests.api.conftest import api_settings, build_index
+from tests.api.test_operations import metric_value
 from tests.helpers import copy_photos
 
 WAIT_S = 120.0
-
-
-def metric(text: str, name: str) -> float:
-    line = next(line for line in text.splitlines() if line.startswith(name))
-    return float(line.rsplit(" ", 1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(served: 
         assert seconds is not None and seconds > 0
         warmed = client.get("/metrics").text
         # the warm-up's tokens ran through the tower; nothing of it is a cached query
-        assert metric(warmed, 'clipsearch_text_token_rows{kind="computed"}') >= len(WARM_UP_TEXT.split()) + 2
+        assert metric_value(warmed, 'clipsearch_text_token_rows{kind="computed"}') >= len(WARM_UP_TEXT.split()) + 2
         assert len(service.text_cache) == 0
         # the cut-off's sample is read, for the index being served
         background = service._background
@@ -56,7 +52,7 @@ def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(served: 
         assert body["cutoff"] is not None and len(body["hits"]) == 4
         after = client.get("/metrics").text
     # the query took "<start> a photo of a" from the warm-up's prefixes
-    cached = metric(after, 'clipsearch_text_token_rows{kind="cached"}')
+    cached = metric_value(after, 'clipsearch_text_token_rows{kind="cached"}')
     assert cached >= len(WARM_UP_TEXT.split()) + 1
 
 
@@ -65,7 +61,7 @@ def test_no_warm_up_when_turned_off(served: Settings) -> None:
         service = service_of(client)
         assert client.get("/readyz").status_code == 200
         assert service.warmed is None and service._background is None
-        assert metric(client.get("/metrics").text, 'clipsearch_text_token_rows{kind="computed"}') == 0
+        assert metric_value(client.get("/metrics").text, 'clipsearch_text_token_rows{kind="computed"}') == 0
 
 
 def test_a_failed_warm_up_is_logged_and_the_service_still_answers(
