@@ -1,12 +1,14 @@
 """The service's start warms one query's path in the background (CLIPSEARCH_WARM_UP): the text tower, the index and the
-automatic cut-off's catalog sample, without putting anything in the query cache."""
+automatic cut-off's catalog sample, without putting anything in the query cache; and the app's routes."""
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.api import create_app
@@ -56,11 +58,51 @@ def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(served: 
     assert cached >= len(WARM_UP_TEXT.split()) + 1
 
 
+def routes_prepared(app: FastAPI) -> Future[bool] | None:
+    prepared: Future[bool] | None = app.state.routes_prepared
+    return prepared
+
+
+def app_routes_prepared(app: FastAPI) -> bool:
+    """What the start's preparing of the routes returned (waiting for it)."""
+    prepared = routes_prepared(app)
+    assert prepared is not None, "the start did not prepare the routes"
+    return prepared.result(timeout=WAIT_S)
+
+
+def test_the_start_prepares_every_route_ahead_of_its_first_request(served: Settings) -> None:
+    app = create_app(served)
+    assert routes_prepared(app) is None and app.openapi_schema is None
+    with TestClient(app) as client:
+        assert app_routes_prepared(app) is True
+        # the schema that preparing them builds, for every router the app includes
+        paths: set[str] = set(app.openapi_schema["paths"]) if app.openapi_schema else set()
+        assert {"/search", "/images/{image_id}/thumbnail", "/tags", "/lookup", "/readyz"} <= paths
+        assert client.get("/search", params={"q": "a dog", "k": 2}).status_code == 200
+
+
+def test_routes_that_cannot_be_prepared_ahead_are_logged_and_still_answer(
+    served: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(served)
+
+    def broken() -> dict[str, object]:
+        raise ValueError("a schema nobody can write")
+
+    app.openapi = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="app.api.main"), TestClient(app) as client:
+        assert app_routes_prepared(app) is False
+        assert client.get("/search", params={"q": "a dog", "k": 2}).status_code == 200
+    assert "could not prepare the routes ahead (the first requests will be slower): a schema nobody" in caplog.text
+
+
 def test_no_warm_up_when_turned_off(served: Settings) -> None:
-    with TestClient(create_app(served.model_copy(update={"warm_up": False}))) as client:
+    app = create_app(served.model_copy(update={"warm_up": False}))
+    with TestClient(app) as client:
         service = service_of(client)
         assert client.get("/readyz").status_code == 200
         assert service.warmed is None and service._background is None
+        assert routes_prepared(app) is None and app.openapi_schema is None
         assert metric_value(client.get("/metrics").text, 'clipsearch_text_token_rows{kind="computed"}') == 0
 
 
