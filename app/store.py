@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import logging
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    Select,
     String,
     Text,
     bindparam,
@@ -43,9 +45,12 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from app.errors import NotFound, StoreError
 
-SCHEMA_VERSION = 3
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
 #: columns added to existing tables after version 1, in order: (version, table, column, SQL type).
-#: New tables (version 3: image_tags) need no entry: create_all makes them before _migrate runs.
+#: New tables (version 3: image_tags) need no entry: create_all makes them before _migrate runs; new indexes of
+#: existing tables (version 4: ix_images_status_model) are in _INDEX_MIGRATIONS.
 _MIGRATIONS = [
     (2, "images", "phash", "BIGINT"),
     (2, "images", "dhash", "BIGINT"),
@@ -53,6 +58,8 @@ _MIGRATIONS = [
     (2, "images", "dhash_mirror", "BIGINT"),
     (3, "images", "tags_key", "VARCHAR(64)"),
 ]
+#: indexes added to existing tables: (version, name, table, columns). create_all makes them in a new database.
+_INDEX_MIGRATIONS = [(4, "ix_images_status_model", "images", "status, model")]
 HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 
 
@@ -86,6 +93,9 @@ class Meta(Base):
 
 class ImageRow(Base):
     __tablename__ = "images"
+    # Counting a model's indexed images (count_indexed: the service's readiness waits for it, once per index it
+    # loads) reads only this index: without it, every row with its vector, 3.0 s instead of 0.1 at 1M images.
+    __table_args__ = (Index("ix_images_status_model", "status", "model"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     path: Mapped[str] = mapped_column(String(4096), unique=True, index=True)
@@ -324,11 +334,16 @@ class Store:
             raise StoreError(f"cannot open the metadata store at {self.safe_url}: {exc.orig}") from exc
 
     def _migrate(self, session: Any, from_version: int) -> None:
-        """Add the columns of later versions to an older database, in the same transaction."""
+        """Add the columns and indexes of later versions to an older database, in the same transaction."""
         existing = {c["name"] for c in inspect(session.connection()).get_columns("images")}
         for version, table, column, sql_type in _MIGRATIONS:
             if version > from_version and column not in existing:
                 session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+        for version, name, table, columns in _INDEX_MIGRATIONS:
+            if version > from_version:
+                log.info("upgrading the metadata store: indexing %s by (%s), once (it reads every row: seconds a "
+                         "million images)", table, columns)  # fmt: skip
+                session.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
 
     @property
     def safe_url(self) -> str:
@@ -420,11 +435,15 @@ class Store:
             session.execute(select(literal(1)))
 
     def count_indexed(self, model: str) -> int:
-        stmt = select(func.count()).where(
-            ImageRow.status == ImageStatus.INDEXED, ImageRow.model == model, ImageRow.embedding.is_not(None)
-        )
+        """Images indexed with ``model`` (see count_indexed_statement)."""
         with self._sessions() as session:
-            return int(session.scalar(stmt) or 0)
+            return int(session.scalar(self.count_indexed_statement(model)) or 0)
+
+    @staticmethod
+    def count_indexed_statement(model: str) -> Select[int]:
+        """The count of images indexed with ``model``. A row's model is written with its vector and cleared with it
+        (_result_values), so status and model are enough, and ix_images_status_model answers alone."""
+        return select(func.count()).where(ImageRow.status == ImageStatus.INDEXED, ImageRow.model == model)
 
     def vector_dim(self, model: str) -> int | None:
         """The length of the vectors stored for ``model`` (from one row), or None when none is stored."""
