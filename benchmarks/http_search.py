@@ -50,13 +50,15 @@ from sqlalchemy import insert
 
 from app.config import Settings
 from app.index import VectorIndex, choose_kind, nlist_for, training_size_for
-from app.store import ImageRow, ImageTagRow, Store, TagKind, utcnow
+from app.store import ImageRow, ImageTagRow, Store, TagKind, utcnow, vector_to_bytes
 from benchmarks.common import write_results
 from benchmarks.index_scale import DIM, clip_like
 
 ADJ = ["red", "small", "old", "shiny", "wet", "bright", "dark", "wooden", "striped", "broken", "tall", "quiet"]
 NOUN = ["car", "dog", "bicycle", "house", "boat", "tree", "street", "kitchen", "mountain", "bird", "child", "bridge"]
 WEIGHTS_FILE = "vit-b-32-random.pt"
+#: rows written (and vectors added) at a time when building a catalog: 100k rows and their vectors, about 0.3 GB
+CATALOG_CHUNK = 100_000
 PLACE = ["at night", "in the snow", "near the sea", "in a city", "on a table", "under a bridge", "in the rain"]
 
 
@@ -103,45 +105,48 @@ def add_tags(store: Store, n: int, per_image: int, rng: np.random.Generator) -> 
 
 
 def build_catalog(data_dir: Path, n: int, model: str, pretrained: str = "", tags_per_image: int = 0) -> float:
-    """Rows (with ``tags_per_image`` tags each) + index as the indexer leaves them for ``model`` with
-    ``pretrained`` weights; returns seconds spent."""
+    """Rows (with ``tags_per_image`` tags each, and each row's vector, as the indexer stores it: the store is what
+    the index is rebuilt from, and what "more like this" and the automatic cut-off's sample read) + index as the
+    indexer leaves them for ``model`` with ``pretrained`` weights; returns seconds spent."""
     t0 = time.perf_counter()
     settings = Settings(data_dir=data_dir)
     store = Store(settings.effective_database_url)
     now = utcnow()
-    with store.engine.begin() as conn:
-        for start in range(0, n, 50_000):
-            conn.execute(
-                insert(ImageRow),
-                [
-                    {
-                        "id": i + 1,
-                        "path": f"/catalog/{i // 1000:04d}/{i:07d}.jpg",
-                        "sha256": f"{i:064x}",
-                        "size": 100_000,
-                        "mtime": 1.7e9 + i,
-                        "width": 640,
-                        "height": 480,
-                        "format": "JPEG",
-                        "status": "indexed",
-                        "model": f"{model}|{pretrained}" if pretrained else model,
-                        "created_at": now,
-                        "updated_at": now,
-                    }  # fmt: skip
-                    for i in range(start, min(n, start + 50_000))
-                ],
-            )
     rng = np.random.default_rng(0)
-    add_tags(store, n, tags_per_image, rng)
     centers = rng.standard_normal((max(64, n // 200), DIM), dtype=np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     kind = choose_kind(n, "auto", settings.ivf_min_vectors)
     # the indexer's rule: lists from the catalog size, trained on up to 256 points per list
     sample = clip_like(min(n, training_size_for(nlist_for(n))), rng, centers)
     index = VectorIndex.create(DIM, kind, sample if kind != "flat" else None, count=n)
-    for start in range(0, n, 100_000):
-        count = min(n, start + 100_000) - start
-        index.add(np.arange(start + 1, start + count + 1, dtype=np.int64), clip_like(count, rng, centers))
+    stored_model = f"{model}|{pretrained}" if pretrained else model
+    for start in range(0, n, CATALOG_CHUNK):
+        vectors = clip_like(min(n, start + CATALOG_CHUNK) - start, rng, centers)
+        ids = np.arange(start + 1, start + len(vectors) + 1, dtype=np.int64)
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(ImageRow),
+                [
+                    {
+                        "id": int(image_id),
+                        "path": f"/catalog/{(image_id - 1) // 1000:04d}/{image_id - 1:07d}.jpg",
+                        "sha256": f"{image_id - 1:064x}",
+                        "size": 100_000,
+                        "mtime": 1.7e9 + image_id - 1,
+                        "width": 640,
+                        "height": 480,
+                        "format": "JPEG",
+                        "status": "indexed",
+                        "model": stored_model,
+                        "embedding": vector_to_bytes(vector),
+                        "created_at": now,
+                        "updated_at": now,
+                    }  # fmt: skip
+                    for image_id, vector in zip(ids.tolist(), vectors, strict=True)
+                ],
+            )
+        index.add(ids, vectors)
+    add_tags(store, n, tags_per_image, rng)
     index.save(settings.index_dir, model=model, pretrained=pretrained)
     store.close()
     return time.perf_counter() - t0
@@ -150,7 +155,7 @@ def build_catalog(data_dir: Path, n: int, model: str, pretrained: str = "", tags
 def prepared_catalog(folder: Path | None, n: int, model: str, tags: int) -> tuple[Path, float]:
     """A data dir holding the catalog: a new temp dir, or ``folder``, reused when its record says it holds the same
     catalog (else emptied and built again). Returns it and the build's seconds (0 when reused)."""
-    wanted = {"vectors": n, "model": model, "tags": tags}
+    wanted = {"vectors": n, "model": model, "tags": tags, "stored_vectors": True}
     if folder is None:
         data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
     else:
