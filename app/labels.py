@@ -11,16 +11,21 @@ millisecond; the database is read only while no snapshot matches the store's tag
   cache), so that no stale tag is ever served;
 - a new snapshot is built on a background thread once the generation has stayed the same for
   ``SETTLE_SECONDS`` (an indexer writing labels every batch would otherwise rebuild it non-stop), and on
-  start-up straight away.
+  start-up straight away;
+- a snapshot built is also saved under the data dir (``labels/labels-<generation>.npz``), so that a start whose
+  store has the same labels reads it back instead of the database: 1M images with 5 tags each took 2.4-2.7 s
+  from the database, during which pages read the database too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +40,9 @@ SETTLE_SECONDS = 10.0
 #: of labelled images plus the slack (else by binary search)
 DENSE_IDS_FACTOR = 4
 DENSE_IDS_SLACK = 1_000_000
+#: the saved snapshot's layout (LabelTable.save); a file of another format is built again from the database
+SNAPSHOT_FORMAT = 1
+SNAPSHOT_PREFIX = "labels-"
 
 
 @dataclass(frozen=True)
@@ -127,13 +135,82 @@ class LabelTable:
         every = CandidateLabels(
             ids, offsets, codes, np.isin(ids, flagged_ids), names, {n: i for i, n in enumerate(names)}
         )
+        return cls.of(generation, every)
+
+    @classmethod
+    def of(cls, generation: str, every: CandidateLabels) -> LabelTable:
         # Store ids are dense (autoincrement): a direct look-up array costs 4 bytes per id and spares a binary
         # search over millions of ids per candidate.
+        ids = every.ids
         position = None
         if len(ids) and int(ids[-1]) <= DENSE_IDS_FACTOR * len(ids) + DENSE_IDS_SLACK:
             position = np.full(int(ids[-1]) + 1, -1, dtype=np.int32)
             position[ids] = np.arange(len(ids), dtype=np.int32)
         return cls(generation, every, position)
+
+    @staticmethod
+    def path_in(folder: Path, generation: str) -> Path:
+        return folder / f"{SNAPSHOT_PREFIX}{generation}.npz"
+
+    def save(self, folder: Path) -> Path:
+        """Write the snapshot to ``folder`` (written to a temporary file, then renamed into place) and remove the
+        files of other generations. Raises OSError."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = self.path_in(folder, self.generation)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        every = self.every
+        try:
+            with temp.open("wb") as handle:
+                np.savez(
+                    handle,
+                    format=np.array(SNAPSHOT_FORMAT),
+                    generation=np.array(self.generation),
+                    ids=every.ids,
+                    offsets=every.offsets,
+                    codes=every.codes,
+                    flagged=every.flagged,
+                    names=np.array(list(every.names), dtype=str),
+                )
+            os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        for old in folder.glob(f"{SNAPSHOT_PREFIX}*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def read(cls, folder: Path, generation: str) -> LabelTable | None:
+        """The snapshot saved for ``generation``, or None when there is none. Raises ValueError for a file that
+        does not hold a consistent snapshot of that generation (and what numpy and zipfile raise for one that
+        cannot be read)."""
+        path = cls.path_in(folder, generation)
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        with npz:
+            if int(npz["format"]) != SNAPSHOT_FORMAT or str(npz["generation"]) != generation:
+                raise ValueError(f"{path} is not a snapshot of this generation in format {SNAPSHOT_FORMAT}")
+            ids, offsets, codes, flagged = (npz[key] for key in ("ids", "offsets", "codes", "flagged"))
+            names = [str(name) for name in npz["names"]]
+        consistent = (
+            ids.dtype == np.int64
+            and offsets.dtype == np.int64
+            and codes.dtype == np.int32
+            and flagged.dtype == np.bool_
+            and len(offsets) == len(ids) + 1
+            and len(flagged) == len(ids)
+            and int(offsets[0]) == 0
+            and int(offsets[-1]) == len(codes)
+            and bool(np.all(np.diff(offsets) >= 0))
+            and bool(np.all(np.diff(ids) > 0))
+            and (not len(codes) or 0 <= int(codes.min()) <= int(codes.max()) < len(names))
+        )
+        if not consistent:
+            raise ValueError(f"{path} does not hold a consistent label snapshot")
+        every = CandidateLabels(ids, offsets, codes, flagged, names, {n: i for i, n in enumerate(names)})
+        return cls.of(generation, every)
 
     def labels_of(self, ids: np.ndarray) -> CandidateLabels:
         """The labels of ``ids`` (in their order; ids without labels get none)."""
@@ -174,10 +251,13 @@ class Labels:
         *,
         settle_seconds: float = SETTLE_SECONDS,
         in_memory: bool = True,
+        saved_in: Path | None = None,
     ) -> None:
-        """``in_memory`` False: never build the snapshot (CLIPSEARCH_LABELS_IN_MEMORY)."""
+        """``in_memory`` False: never build the snapshot (CLIPSEARCH_LABELS_IN_MEMORY). ``saved_in``: the folder
+        where snapshots are saved and read back (None: built from the database every time)."""
         self.store = store
         self.in_memory = in_memory
+        self.saved_in = saved_in
         self.check_seconds = check_seconds
         self.settle_seconds = settle_seconds
         self._cache: IdCache[ImageLabels] = IdCache(store.labels_of_many, capacity, default=ImageLabels())
@@ -229,11 +309,20 @@ class Labels:
 
     def _build(self) -> None:
         started = time.perf_counter()
-        try:
-            table = LabelTable.load(self.store)
-        except Exception:  # noqa: BLE001 - the database path keeps serving; a later check tries again
-            log.warning("could not build the in-memory label table; reading labels from the database", exc_info=True)
-            table = None
+        with self._lock:
+            generation = self._generation
+        table, source = self._read_saved(generation), "read from its saved copy"
+        if table is None:
+            source = "built"
+            try:
+                table = LabelTable.load(self.store)
+            except Exception:  # noqa: BLE001 - the database path keeps serving; a later check tries again
+                log.warning(
+                    "could not build the in-memory label table; reading labels from the database", exc_info=True
+                )
+                table = None
+            if table is not None:
+                self._save(table)
         with self._lock:
             self._building = False
             if table is None:
@@ -242,12 +331,32 @@ class Labels:
                 self._table = table
         if table is not None:
             log.info(
-                "label table: %d labelled images, %d tags, %.1f MB, built in %.2fs",
+                "label table: %d labelled images, %d tags, %.1f MB, %s in %.2fs",
                 len(table.every.ids),
                 len(table.every.codes),
                 table.nbytes / 1e6,
+                source,
                 time.perf_counter() - started,
             )
+
+    def _read_saved(self, generation: str | None) -> LabelTable | None:
+        """The snapshot saved for ``generation`` (not for '': no labels were ever written through the store, which
+        marks every write with a new generation), or None."""
+        if self.saved_in is None or not generation:
+            return None
+        try:
+            return LabelTable.read(self.saved_in, generation)
+        except Exception as exc:  # noqa: BLE001 - a damaged file (a bad zip, a missing array...): build it again
+            log.warning("the saved label table cannot be used (%s): building it from the database", exc)
+            return None
+
+    def _save(self, table: LabelTable) -> None:
+        if self.saved_in is None or not table.generation:
+            return
+        try:
+            table.save(self.saved_in)
+        except Exception as exc:  # noqa: BLE001 - a full disk, a read-only data dir: the table still serves
+            log.warning("could not save the label table in %s (%s): the next start builds it again", self.saved_in, exc)
 
     def start(self) -> None:
         """Begin building the snapshot now (service start), rather than at the first page that needs it."""

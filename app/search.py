@@ -382,7 +382,11 @@ class SearchService:
         # the store, so the rows cached for one index stay those of its images).
         self.records: IdCache[ImageRecord] = IdCache(store.get_many, RECORD_CACHE_SIZE)
         self.labels = Labels(
-            store, settings.index_check_seconds, RECORD_CACHE_SIZE, in_memory=settings.labels_in_memory
+            store,
+            settings.index_check_seconds,
+            RECORD_CACHE_SIZE,
+            in_memory=settings.labels_in_memory,
+            saved_in=settings.data_dir / "labels",
         )
         self._background: tuple[VectorIndex, np.ndarray] | None = None
         self._images_counted: tuple[VectorIndex | None, int] | None = None  # see indexed_images

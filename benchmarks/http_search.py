@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from sqlalchemy import insert
 
 from app.config import Settings
 from app.index import VectorIndex, choose_kind, nlist_for, training_size_for
-from app.store import ImageRow, ImageTagRow, Store, TagKind, utcnow, vector_to_bytes
+from app.store import ImageRow, ImageTagRow, Meta, Store, TagKind, utcnow, vector_to_bytes
 from benchmarks.common import write_results
 from benchmarks.index_scale import DIM, clip_like
 
@@ -102,6 +103,8 @@ def add_tags(store: Store, n: int, per_image: int, rng: np.random.Generator) -> 
                 for j in np.flatnonzero(rng.random(count) < 0.01).tolist()
             ]
             conn.execute(insert(ImageTagRow), rows)
+        # as Store.save_tags marks every write of labels (app.labels keys its snapshot, and the saved copy, by it)
+        conn.execute(insert(Meta), [{"key": "tags_generation", "value": uuid.uuid4().hex}])
 
 
 def build_catalog(data_dir: Path, n: int, model: str, pretrained: str = "", tags_per_image: int = 0) -> float:

@@ -3,7 +3,9 @@ labels the store no longer holds."""
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +171,95 @@ def wait_until_idle(labels: Labels, seconds: float = 10.0) -> None:
     while labels.building and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not labels.building
+
+
+def same_table(a: LabelTable, b: LabelTable) -> bool:
+    x, y = a.every, b.every
+    arrays = all(np.array_equal(getattr(x, k), getattr(y, k)) for k in ("ids", "offsets", "codes", "flagged"))
+    positions = (a.position is None and b.position is None) or (
+        a.position is not None and b.position is not None and np.array_equal(a.position, b.position)
+    )
+    return arrays and positions and list(x.names) == list(y.names) and a.generation == b.generation
+
+
+def test_a_saved_snapshot_is_read_back_by_the_next_start_and_never_for_other_labels(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "labels"
+    add_images(store, 60)
+    store.save_tags(random_labels(np.random.default_rng(3), range(1, 51)), "k")
+    generation = store.tags_generation()
+    first = Labels(store, check_seconds=0.0, capacity=10, saved_in=folder)
+    first.start()
+    built = wait_for_table(first, generation)
+    assert [p.name for p in folder.iterdir()] == [f"labels-{generation}.npz"]
+
+    # the next start reads the file, not the database, and answers the same
+    reads: list[int] = []
+    real = Store.label_columns
+
+    def counted(self: Store) -> tuple[str, list[tuple[str, np.ndarray]], np.ndarray]:
+        reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Store, "label_columns", counted)
+    with caplog.at_level(logging.INFO, logger="app.labels"):
+        second = Labels(store, check_seconds=0.0, capacity=10, saved_in=folder)
+        second.start()
+        read = wait_for_table(second, generation)
+    assert reads == [] and same_table(read, built) and "read from its saved copy" in caplog.text
+    ids = np.arange(1, 61, dtype=np.int64)
+    assert read.labels_of(ids).facets(ids.tolist(), 7) == built.labels_of(ids).facets(ids.tolist(), 7)
+
+    # new labels: a new generation, built from the database; the old file is replaced
+    store.save_tags({1: [StoredTag(TagKind.TAG.value, "zebra", 0.5)]}, "k")
+    third = Labels(store, check_seconds=0.0, capacity=10, saved_in=folder)
+    third.start()
+    table = wait_for_table(third, store.tags_generation())
+    assert reads == [1] and table.labels_of(np.array([1])).facets([1], 5) == [("zebra", 1)]
+    assert [p.name for p in folder.iterdir()] == [f"labels-{store.tags_generation()}.npz"]
+
+
+def test_a_damaged_saved_snapshot_is_built_again_from_the_database(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "labels"
+    add_images(store, 5)
+    store.save_tags({2: [StoredTag(TagKind.TAG.value, "dog", 0.5)]}, "k")
+    generation = store.tags_generation()
+    first = Labels(store, check_seconds=0.0, capacity=10, saved_in=folder)
+    first.start()
+    good = wait_for_table(first, generation)
+    path = LabelTable.path_in(folder, generation)
+    every = good.every
+    # a file that does not agree with itself (its offsets run past its codes), then one that is not a zip at all
+    for damage in ("inconsistent", "truncated"):
+        if damage == "inconsistent":
+            np.savez(path, format=np.array(app.labels.SNAPSHOT_FORMAT), generation=np.array(generation), ids=every.ids,
+                     offsets=every.offsets + 1, codes=every.codes, flagged=every.flagged,
+                     names=np.array(list(every.names)))  # fmt: skip
+        else:
+            path.write_bytes(b"PK\x03\x04 not a whole file")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="app.labels"):
+            labels = Labels(store, check_seconds=0.0, capacity=10, saved_in=folder)
+            labels.start()
+            table = wait_for_table(labels, generation)
+        assert "the saved label table cannot be used" in caplog.text and same_table(table, good)
+        assert LabelTable.read(folder, generation) is not None  # written again, whole
+
+
+def test_a_folder_that_cannot_be_written_leaves_the_snapshot_in_memory(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    add_images(store, 3)
+    store.save_tags({1: [StoredTag(TagKind.TAG.value, "dog", 0.5)]}, "k")
+    with caplog.at_level(logging.WARNING, logger="app.labels"):
+        labels = Labels(store, check_seconds=0.0, capacity=10, saved_in=blocked / "labels")
+        labels.start()
+        table = wait_for_table(labels, store.tags_generation())
+        wait_until_idle(labels)
+    assert table.labels_of(np.array([1])).facets([1], 5) == [("dog", 1)]
+    assert "could not save the label table" in caplog.text
