@@ -19,12 +19,12 @@ vectors, 40 requests, concurrency 1 and 8, written to http_search-quick.*. Resul
 (other modes: http_search-<mode>.*). The random weights are saved once as a checkpoint file that every start loads,
 as a user's downloaded weights; the server is started --starts times (default 3), each timed to its first /readyz
 200, and the load runs against the last start once its labels snapshot is in memory (--ready-only: the starts only,
-written to *-ready.*). After each start's labels are in memory it times that start's first three queries (new
-texts, cutoff=auto as the web UI asks), what the start's warm-up saves (CLIPSEARCH_WARM_UP=false in this process's
-environment turns it off for an A/B). Each row also gives the p50 of the service's own took_ms, which leaves out
-HTTP and the client. Building the 1M catalog takes minutes: --catalog-dir DIR keeps it (weights, store, index and
-the ONNX exports) in DIR and reuses it when a later run asks for the same catalog, which makes A/B runs of two codes
-cheap; a reused catalog's first start is then not the exporting one.
+written to *-ready.*). After each start's labels are in memory and its warm-up is done (/readyz warm_up) it times
+that start's first three queries (new texts, cutoff=auto as the web UI asks), what the start's warm-up saves
+(CLIPSEARCH_WARM_UP=false in this process's environment turns it off for an A/B). Each row also gives the p50 of the
+service's own took_ms, which leaves out HTTP and the client. Building the 1M catalog takes minutes: --catalog-dir
+DIR keeps it (weights, store, index and the ONNX exports) in DIR and reuses it when a later run asks for the same
+catalog, which makes A/B runs of two codes cheap; a reused catalog's first start is then not the exporting one.
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def start_server(cmd: list[str], env: dict[str, str], base: str, log_file: Path)
 
 def wait_for_ready_field(base: str, field: str, value: str, server: subprocess.Popen) -> float:  # type: ignore[type-arg]
     """Seconds until /readyz reports ``field`` = ``value``: inference 'onnx' (the background export under
-    'auto'), labels 'memory' (the labels snapshot)."""
+    'auto'), labels 'memory' (the labels snapshot), warm_up 'done' (the start's warm-up)."""
     started = time.perf_counter()
     while time.perf_counter() - started < 600:
         if httpx.get(f"{base}/readyz", timeout=5).json().get(field) == value:
@@ -338,6 +338,8 @@ def main() -> None:
     ready: list[float] = []
     switched: list[float] = []
     labels_after: list[float] = []
+    warmed_after: list[float] = []
+    warm_up = os.environ.get("CLIPSEARCH_WARM_UP", "true").lower() not in ("false", "0", "no", "off")
     first_queries: list[list[tuple[float, float]]] = []
     try:
         for start in range(max(1, args.starts)):
@@ -349,6 +351,9 @@ def main() -> None:
                 print(f"start {start + 1}: on ONNX Runtime {switched[-1]:.2f}s after ready", flush=True)
             labels_after.append(wait_for_ready_field(base, "labels", "memory", server))
             print(f"start {start + 1}: labels in memory {labels_after[-1]:.2f}s after ready", flush=True)
+            if warm_up:  # the first queries are timed once the warm-up is done, not while it shares the cores
+                warmed_after.append(wait_for_ready_field(base, "warm_up", "done", server))
+                print(f"start {start + 1}: warmed up {warmed_after[-1]:.2f}s after ready", flush=True)
             first_queries.append(first_queries_ms(base))
             print(f"start {start + 1}: first queries (ms, client / service) {first_queries[-1]}", flush=True)
             if start + 1 < max(1, args.starts) or args.ready_only:
@@ -375,7 +380,15 @@ def main() -> None:
         )
         + f" {args.tags} tags per image; seconds from ready to the labels snapshot in memory, per start: "
         + ", ".join(f"{s:.2f}" for s in labels_after)
-        + ". First queries of each start, after that (new texts, cutoff=auto as the web UI asks; ms, client / "
+        + "."
+        + (
+            " Seconds from ready to the end of the start's warm-up (/readyz warm_up 'done'), per start: "
+            + ", ".join(f"{s:.2f}" for s in warmed_after)
+            + "."
+            if warmed_after
+            else ""
+        )
+        + " First queries of each start, after that (new texts, cutoff=auto as the web UI asks; ms, client / "
         "service): "
         + "; ".join(", ".join(f"{c:.1f} / {t:.1f}" for c, t in start) for start in first_queries)
         + f" (CLIPSEARCH_WARM_UP={os.environ.get('CLIPSEARCH_WARM_UP', 'true')})"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import ServiceDep
 from app.api.metrics import Metrics
 from app.api.schemas import Health, Ready, error_responses
 from app.errors import NotReady
+from app.search import SearchService
 
 router = APIRouter(tags=["operations"])
 
@@ -37,7 +40,17 @@ def readyz(service: ServiceDep) -> Ready:
         dim=manifest.dim,
         inference=getattr(service.encoder, "inference", "fp32"),
         labels="memory" if service.labels.table is not None else "database",
+        warm_up=_warm_up_state(service),
     )
+
+
+def _warm_up_state(service: SearchService) -> Literal["running", "done", "failed", "off"]:
+    warmed = service.warmed
+    if warmed is None:
+        return "off"
+    if not warmed.done():
+        return "running"
+    return "done" if warmed.exception() is None and warmed.result() is not None else "failed"
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -130,6 +130,11 @@ class Ready(BaseModel):
         description="Where tag filters and facets read labels: the in-memory snapshot, or the database while "
         "the snapshot is built (at start, and after labels change).",
     )
+    warm_up: Literal["running", "done", "failed", "off"] = Field(
+        default="off",
+        description="The start's warm-up of one query's path (CLIPSEARCH_WARM_UP): queries answered while it runs "
+        "share the cores with it; 'failed' only means the first query pays for what it would have prepared.",
+    )
 
 
 class Reloaded(BaseModel):

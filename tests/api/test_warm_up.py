@@ -4,6 +4,7 @@ automatic cut-off's catalog sample, without putting anything in the query cache;
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -37,12 +38,25 @@ def service_of(client: TestClient) -> SearchService:
     return service
 
 
-def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(served: Settings) -> None:
+def test_the_start_warms_the_text_tower_the_index_and_the_cutoff_sample(
+    served: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real = SearchService.warm_up
+
+    def held(self: SearchService) -> float:
+        release.wait(WAIT_S)
+        return real(self)
+
+    monkeypatch.setattr(SearchService, "warm_up", held)
     with TestClient(create_app(served)) as client:
         service = service_of(client)
+        assert client.get("/readyz").json()["warm_up"] == "running"
+        release.set()
         assert service.warmed is not None
         seconds = service.warmed.result(timeout=WAIT_S)
         assert seconds is not None and seconds > 0
+        assert client.get("/readyz").json()["warm_up"] == "done"
         warmed = client.get("/metrics").text
         # the warm-up's tokens ran through the tower; nothing of it is a cached query
         assert metric_value(warmed, 'clipsearch_text_token_rows{kind="computed"}') >= len(WARM_UP_TEXT.split()) + 2
@@ -102,6 +116,7 @@ def test_no_warm_up_when_turned_off(served: Settings) -> None:
         service = service_of(client)
         assert client.get("/readyz").status_code == 200
         assert service.warmed is None and service._background is None
+        assert client.get("/readyz").json()["warm_up"] == "off"
         assert routes_prepared(app) is None and app.openapi_schema is None
         assert metric_value(client.get("/metrics").text, 'clipsearch_text_token_rows{kind="computed"}') == 0
 
@@ -116,6 +131,7 @@ def test_a_failed_warm_up_is_logged_and_the_service_still_answers(
     with caplog.at_level(logging.WARNING, logger="app.api.main"), TestClient(create_app(served)) as client:
         service = service_of(client)
         assert service.warmed is not None and service.warmed.result(timeout=WAIT_S) is None
+        assert client.get("/readyz").json()["warm_up"] == "failed"
         response = client.get("/search", params={"q": "a dog", "k": 2})
         assert response.status_code == 200 and len(response.json()["hits"]) == 2
     assert "warm-up failed (the first query will be slower): the disk went away" in caplog.text
