@@ -4,6 +4,7 @@ labels the store no longer holds."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -218,6 +219,14 @@ def test_a_saved_snapshot_is_read_back_by_the_next_start_and_never_for_other_lab
     table = wait_for_table(third, store.tags_generation())
     assert reads == [1] and table.labels_of(np.array([1])).facets([1], 5) == [("zebra", 1)]
     assert [p.name for p in folder.iterdir()] == [f"labels-{store.tags_generation()}.npz"]
+
+    # a temp file a stopped process left behind goes once it is old, not while another process may be writing it
+    old, fresh = folder / ".labels-x.npz.1.2.tmp", folder / ".labels-y.npz.3.4.tmp"
+    old.write_bytes(b"half"), fresh.write_bytes(b"half")
+    an_hour_ago = time.time() - app.labels.STALE_TEMP_SECONDS - 60
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    table.save(folder)
+    assert not old.exists() and fresh.exists()
 
 
 def test_a_damaged_saved_snapshot_is_built_again_from_the_database(

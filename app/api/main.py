@@ -143,7 +143,7 @@ def _warm_up(service: SearchService) -> float | None:
 def _prepare_routes(app: FastAPI) -> bool:
     """Prepare every route ahead of its first request, part of the start's warm-up: FastAPI builds the routes of an
     included router (their parameters' validators) when the first request reaches that router, on the event loop:
-    10-12 ms of the first /search of a start, and of the first thumbnail, tag or look-up request. Generating the
+    12-16 ms of the first /search of a start, and of the first thumbnail, tag or look-up request. Generating the
     OpenAPI schema builds them all (about 50 ms, on this thread, while the model loads) and has /docs' schema
     ready too. False when it failed: the first requests then pay for it, nothing more."""
     try:
