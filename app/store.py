@@ -47,10 +47,10 @@ from app.errors import NotFound, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: columns added to existing tables after version 1, in order: (version, table, column, SQL type).
 #: New tables (version 3: image_tags) need no entry: create_all makes them before _migrate runs; new indexes of
-#: existing tables (version 4: ix_images_status_model) are in _INDEX_MIGRATIONS.
+#: existing tables (versions 4 and 5) are in _INDEX_MIGRATIONS.
 _MIGRATIONS = [
     (2, "images", "phash", "BIGINT"),
     (2, "images", "dhash", "BIGINT"),
@@ -59,7 +59,10 @@ _MIGRATIONS = [
     (3, "images", "tags_key", "VARCHAR(64)"),
 ]
 #: indexes added to existing tables: (version, name, table, columns). create_all makes them in a new database.
-_INDEX_MIGRATIONS = [(4, "ix_images_status_model", "images", "status, model")]
+_INDEX_MIGRATIONS = [
+    (4, "ix_images_status_model", "images", "status, model"),
+    (5, "ix_images_status_hashes", "images", "status, id, phash, dhash, phash_mirror, dhash_mirror"),
+]
 HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 
 
@@ -95,7 +98,12 @@ class ImageRow(Base):
     __tablename__ = "images"
     # Counting a model's indexed images (count_indexed: the service's readiness waits for it, once per index it
     # loads) reads only this index: without it, every row with its vector, 3.0 s instead of 0.1 at 1M images.
-    __table_args__ = (Index("ix_images_status_model", "status", "model"),)
+    # Reading the perceptual hashes of the catalog (iter_hashes: the duplicate look-up's hash index, built at every
+    # start of the service) in id order reads only this one: 0.08 s instead of 2.7-5.0 s at 1M images.
+    __table_args__ = (
+        Index("ix_images_status_model", "status", "model"),
+        Index("ix_images_status_hashes", "status", "id", *HASH_FIELDS),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     path: Mapped[str] = mapped_column(String(4096), unique=True, index=True)
@@ -528,21 +536,26 @@ class Store:
     def iter_hashes(self, chunk: int = 50_000) -> Iterator[tuple[int, dict[str, int]]]:
         """(id, hashes) of every indexed image that has them, for the hash neighbour index."""
         last_id = 0
-        cols = [getattr(ImageRow, k) for k in HASH_FIELDS]
         with self._sessions() as session:
             while True:
-                stmt = (
-                    select(ImageRow.id, *cols)
-                    .where(ImageRow.status == ImageStatus.INDEXED, ImageRow.phash.is_not(None), ImageRow.id > last_id)
-                    .order_by(ImageRow.id)
-                    .limit(chunk)
-                )
-                rows = session.execute(stmt).all()
+                rows = session.execute(self.hashes_statement(last_id, chunk)).all()
                 if not rows:
                     return
                 for image_id, *values in rows:
                     yield image_id, {k: hash_from_db(v) for k, v in zip(HASH_FIELDS, values, strict=True)}
                 last_id = rows[-1][0]
+
+    @staticmethod
+    def hashes_statement(after: int, chunk: int) -> Select[Any]:
+        """The next ``chunk`` indexed images after id ``after`` that have perceptual hashes: id and hashes, in id
+        order (ix_images_status_hashes answers alone)."""
+        cols = [getattr(ImageRow, k) for k in HASH_FIELDS]
+        return (
+            select(ImageRow.id, *cols)
+            .where(ImageRow.status == ImageStatus.INDEXED, ImageRow.phash.is_not(None), ImageRow.id > after)
+            .order_by(ImageRow.id)
+            .limit(chunk)
+        )
 
     def vector(self, image_id: int) -> np.ndarray:
         with self._sessions() as session:
