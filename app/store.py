@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 5
 #: columns added to existing tables after version 1, in order: (version, table, column, SQL type).
 #: New tables (version 3: image_tags) need no entry: create_all makes them before _migrate runs; new indexes of
-#: existing tables (versions 4 and 5) are in _INDEX_MIGRATIONS.
+#: existing tables (versions 4 and 5) are in _INDEX_VERSIONS.
 _MIGRATIONS = [
     (2, "images", "phash", "BIGINT"),
     (2, "images", "dhash", "BIGINT"),
@@ -58,11 +58,9 @@ _MIGRATIONS = [
     (2, "images", "dhash_mirror", "BIGINT"),
     (3, "images", "tags_key", "VARCHAR(64)"),
 ]
-#: indexes added to existing tables: (version, name, table, columns). create_all makes them in a new database.
-_INDEX_MIGRATIONS = [
-    (4, "ix_images_status_model", "images", "status, model"),
-    (5, "ix_images_status_hashes", "images", "status, id, phash, dhash, phash_mirror, dhash_mirror"),
-]
+#: the schema version that added each index of the images table (ImageRow's __table_args__): create_all makes them
+#: in a new database, _migrate in an older one.
+_INDEX_VERSIONS = {"ix_images_status_model": 4, "ix_images_status_hashes": 5}
 HASH_FIELDS = ("phash", "dhash", "phash_mirror", "dhash_mirror")
 
 
@@ -347,11 +345,12 @@ class Store:
         for version, table, column, sql_type in _MIGRATIONS:
             if version > from_version and column not in existing:
                 session.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
-        for version, name, table, columns in _INDEX_MIGRATIONS:
-            if version > from_version:
-                log.info("upgrading the metadata store: indexing %s by (%s), once (it reads every row: seconds a "
-                         "million images)", table, columns)  # fmt: skip
-                session.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
+        for index in sorted(Base.metadata.tables[ImageRow.__tablename__].indexes, key=lambda ix: str(ix.name)):
+            if _INDEX_VERSIONS.get(str(index.name), 0) > from_version:
+                columns = ", ".join(column.name for column in index.columns)
+                log.info("upgrading the metadata store: indexing images by (%s), once (it reads every row: seconds a "
+                         "million images)", columns)  # fmt: skip
+                index.create(session.connection(), checkfirst=True)
 
     @property
     def safe_url(self) -> str:
