@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +79,34 @@ def test_a_drafts_crop_is_the_whole_pictures_crop(shared_data: Path, tmp_path: P
         diffs.append(float((transform(draft) - transform(full)).abs().mean()))
     # what is left is the draft's own decoding (libjpeg's scaled IDCT): about one grey level (0.015) on average
     assert len(diffs) >= 20 and max(diffs) < 0.04, diffs
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_torch_resizes_a_draft_as_pillow_resizes_its_crop_region(shared_data: Path, size: int) -> None:
+    """Drafted camera-size photos: the indexer's torch resize of the whole draft at the picture's scale against
+    Pillow's resize of the crop's region in the draft (what drafts took before), within one grey level."""
+    fast = fast_transform(open_clip.image_transform(size, is_train=False))
+    assert isinstance(fast, CenterCropResize)
+    indexing = indexing_transform(fast)
+    scale, offset = fast.core.scale_offset()
+    drafted, mean_diffs = 0, []
+    for source in sorted((shared_data / "photo-samples").glob("*/*.jpg"))[:12]:
+        with Image.open(source) as im:
+            im = im.convert("RGB")
+            for factor in (2.3, 4.1):  # about 1.3-8 MP, odd sides: the draft's are rounded up
+                big = im.resize((int(im.width * factor) | 1, int(im.height * factor) | 1), Image.Resampling.BICUBIC)
+                buffer = io.BytesIO()
+                big.save(buffer, "JPEG", quality=90)
+                draft = decode_image(buffer.getvalue(), max_pixels=10**9, draft_size=model_draft_size(size)).image
+                if draft.size == big.size:
+                    continue
+                drafted += 1
+                want = np.asarray(fast.core.crop(draft), dtype=np.float32).transpose(2, 0, 1)
+                got = np.rint((indexing(draft).numpy() - offset) / scale)
+                assert got.shape == want.shape == (3, size, size)
+                assert np.abs(got - want).max() <= 1.0, source
+                mean_diffs.append(float(np.abs(got - want).mean()))
+    assert drafted >= 12 and np.mean(mean_diffs) < 0.02, (drafted, mean_diffs)
 
 
 @PATHS
