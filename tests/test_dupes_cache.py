@@ -124,6 +124,32 @@ def test_a_server_uses_the_stored_features_without_preparing_the_catalog(
     assert catalog.dupes.features.prepared_here == 0
 
 
+def test_a_sync_reads_the_records_of_uncached_images_only(
+    indexed: tuple[Settings, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start of a server and every index run syncs: the catalog's content keys come from one light query, and
+    whole records only for what is to be prepared (reading every record took 11 s and 1.6 GB at 1M images)."""
+    settings, photos = indexed
+    asked: list[int] = []
+    get_many = Store.get_many
+
+    def counting(self: Store, ids: list[int]) -> dict[int, object]:
+        asked.extend(ids)
+        return get_many(self, ids)
+
+    monkeypatch.setattr(Store, "get_many", counting)
+    assert sync(settings).prepared == 0 and asked == []
+    # one more file: its record alone is read, and it alone is prepared
+    shutil.copy(photos[0], photos[0].parent / "copy.jpg")
+    with Image.open(photos[1]) as opened:
+        opened.convert("RGB").rotate(90, expand=True).save(photos[0].parent / "turned.jpg", quality=90)
+    cli_index(settings, photos[0].parent, CLIPSEARCH_DUPE_FEATURE_CACHE="false")  # indexed, features not cached
+    asked.clear()
+    done = sync(settings)
+    turned = ids_by_name(settings)["turned.jpg"]
+    assert done.prepared == 1 and asked == [turned], asked  # the copy shares its sha256 with a cached image
+
+
 def test_an_index_run_prepares_only_added_images_and_drops_removed_ones(
     indexed: tuple[Settings, list[Path]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -364,5 +364,16 @@ def test_hashes_are_read_in_chunks_in_id_order(any_store_url: str) -> None:
         assert [image_id for image_id, _ in read] == sorted(expected)
         first = dict(read)[ids["/p/0.jpg"]]
         assert first == {k: 1000 + i + (1 << 63) for i, k in enumerate(FIELDS)}  # unsigned, as written
+        # the duplicate look-up's catalog: the same images, with what its feature cache knows each one by
+        keys = list(store.iter_catalog_keys(chunk=3))
+        assert [row[0] for row in keys] == sorted(expected)
+        record = store.get(ids["/p/5.jpg"])
+        assert record is not None
+        assert dict((row[0], row[1:]) for row in keys)[record.id] == (
+            record.sha256,
+            record.path,
+            record.size,
+            record.mtime,
+        )
     finally:
         store.close()
