@@ -643,7 +643,7 @@ class DupeService:
         with self._hash_lock:
             if self._hashes is None or manifest is not self._hashes_for:
                 started = time.perf_counter()
-                self._hashes = build_hash_index(self.store.iter_hashes())
+                self._hashes = HashIndex.from_arrays(*self.store.hash_arrays())
                 self._hashes_for = manifest
                 log.info("hash index: %d images in %.2fs", len(self._hashes), time.perf_counter() - started)
             return self._hashes

@@ -177,6 +177,33 @@ def test_hash_index_range_search_equals_brute_force(radius: int) -> None:
             assert neighbour.distances == query.distances(catalog[image_id - 1000])
 
 
+def test_a_bulk_loaded_hash_index_answers_as_one_built_by_add() -> None:
+    """HashIndex.from_arrays (a whole catalog's hashes as arrays: how a server loads them) against add()."""
+    rng = random.Random(11)
+    catalog = _random_hashes(rng, 300)
+    ids = [5000 - 7 * n for n in range(300)]  # not sorted
+    table = np.array([[getattr(h, k) for k in HASH_FIELDS] for h in catalog], dtype=np.uint64)
+    bulk, added = HashIndex.from_arrays(np.array(ids), table), HashIndex()
+    added.add(ids, catalog)
+    queries = _random_hashes(rng, 10) + catalog[:4]
+    for index in (bulk, added):  # the same edits on both
+        assert len(index) == 300 and ids[3] in index and 1 not in index
+        assert index.remove([ids[0], ids[0], ids[1], 12345]) == 2 and ids[0] not in index
+        index.add([ids[2], 7], [catalog[5], catalog[6]])  # replaces a bulk image, adds a new one
+    assert len(bulk) == len(added) == 299
+    for image_id in (ids[0], ids[2], ids[3], 7, 12345):
+        assert bulk.get(image_id) == added.get(image_id)
+    for query in queries:
+        for radius in (0, 9, 14):
+            assert bulk.range_search(query, radius) == added.range_search(query, radius)
+    # the k nearest (FAISS breaks ties at the k-th distance by insertion order, which differs here: exact members)
+    for n in range(8, 13):
+        assert bulk.search(catalog[n], 1) == added.search(catalog[n], 1) and bulk.search(catalog[n], 1)[0].id == ids[n]
+    assert len(HashIndex.from_arrays(np.empty(0, np.int64), np.empty((0, 4), np.uint64))) == 0
+    with pytest.raises(ValueError, match="distinct"):
+        HashIndex.from_arrays(np.array([1, 1]), table[:2])
+
+
 def test_hash_index_finds_a_flipped_copy_and_forgets_removed_images(fruits: Image.Image) -> None:
     index = HashIndex()
     rng = random.Random(5)

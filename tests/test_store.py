@@ -364,6 +364,10 @@ def test_hashes_are_read_in_chunks_in_id_order(any_store_url: str) -> None:
         assert [image_id for image_id, _ in read] == sorted(expected)
         first = dict(read)[ids["/p/0.jpg"]]
         assert first == {k: 1000 + i + (1 << 63) for i, k in enumerate(FIELDS)}  # unsigned, as written
+        # as arrays (a server's hash index): the same ids and unsigned values
+        array_ids, array_hashes = store.hash_arrays(chunk=4)
+        assert array_ids.tolist() == [image_id for image_id, _ in read]
+        assert array_hashes.tolist() == [[h[k] for k in FIELDS] for _, h in read]
         # the duplicate look-up's catalog: the same images, with what its feature cache knows each one by
         keys = list(store.iter_catalog_keys(chunk=3))
         assert [row[0] for row in keys] == sorted(expected)
