@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import gc
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from sqlalchemy import (
@@ -157,9 +158,9 @@ class ImageLabels:
     flagged: bool = False
 
 
-@dataclass(frozen=True)
-class FileState:
-    """What the store knows of a path, enough to decide whether it changed."""
+class FileState(NamedTuple):
+    """What the store knows of a path, enough to decide whether it changed. A named tuple: ``file_states`` makes
+    one per known path at every index run (1M in 0.3 s, where a frozen dataclass took 2.7 s)."""
 
     id: int
     path: str
@@ -226,6 +227,19 @@ def _records_query(dialect: Dialect, count: int) -> tuple[SQLCompiler, tuple[str
     compiled = cast(SQLCompiler, stmt.compile(dialect=dialect, compile_kwargs={"render_postcompile": True}))
     params = compiled.construct_params()
     return compiled, tuple(sorted(params, key=lambda name: params[name]))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while many objects that hold no cycles are built (the rows of a large
+    read and what is made of them); it runs again afterwards if it ran before."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextlib.contextmanager
@@ -369,7 +383,7 @@ class Store:
 
     def file_states(self) -> dict[str, FileState]:
         """Every known path (any status) with what incremental indexing compares against."""
-        stmt = select(
+        columns: list[Any] = [
             ImageRow.id,
             ImageRow.path,
             ImageRow.size,
@@ -378,9 +392,15 @@ class Store:
             ImageRow.status,
             ImageRow.model,
             ImageRow.phash.is_not(None),
-        )
-        with self._sessions() as session:
-            return {r.path: FileState(*r) for r in session.execute(stmt)}
+        ]
+        stmt = select(*columns)
+        # through the driver's cursor and with the cyclic garbage collector paused (a million new tuples would run
+        # it dozens of times over the growing heap): 1M paths in 2.8-2.9 s, where SQLAlchemy's rows took 5.8-7.8 s
+        with _gc_paused():
+            return {
+                path: FileState(image_id, path, size, mtime, sha, status, model, bool(hashes))
+                for image_id, path, size, mtime, sha, status, model, hashes in self._driver_rows(stmt)
+            }
 
     def embedded_shas(self, model: str) -> set[str]:
         """Contents that already have a vector for ``model`` (in any row, a deleted one too)."""
@@ -389,8 +409,7 @@ class Store:
             .where(ImageRow.model == model, ImageRow.embedding.is_not(None), ImageRow.sha256.is_not(None))
             .distinct()
         )
-        with self._sessions() as session:
-            return {sha for sha in session.scalars(stmt) if sha}
+        return {row[0] for row in self._driver_rows(stmt) if row[0]}
 
     def reusable_by_sha(self, shas: Iterable[str], model: str) -> dict[str, ImageResult]:
         """For each known content: its vector and image facts, ready to copy onto another path."""
@@ -584,14 +603,19 @@ class Store:
         Through the driver's cursor: ``iter_hashes`` over 1M images in 1.6 s where SQLAlchemy's rows took 2.9 s."""
         last_id = 0
         while True:
-            with self.engine.connect() as conn, _driver_cursor(conn) as cursor:
-                compiled = cast(SQLCompiler, statement(last_id, chunk).compile(dialect=conn.dialect))
-                cursor.execute(str(compiled), _driver_params(compiled, compiled.construct_params()))
-                rows = [tuple(row) for row in cursor.fetchall()]
+            rows = self._driver_rows(statement(last_id, chunk))
             if not rows:
                 return
             yield rows
             last_id = rows[-1][0]
+
+    def _driver_rows(self, statement: Select[Any]) -> list[tuple[Any, ...]]:
+        """Every row of a Core SELECT whose columns need no type conversion (ints, floats, strings), read through
+        the driver's own cursor: SQLAlchemy's result rows cost about 3x as much per row."""
+        with self.engine.connect() as conn, _driver_cursor(conn) as cursor, _gc_paused():
+            compiled = cast(SQLCompiler, statement.compile(dialect=conn.dialect))
+            cursor.execute(str(compiled), _driver_params(compiled, compiled.construct_params()))
+            return [tuple(row) for row in cursor.fetchall()]
 
     def vector(self, image_id: int) -> np.ndarray:
         with self._sessions() as session:

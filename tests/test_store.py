@@ -347,6 +347,31 @@ def test_counting_images_and_reading_hashes_read_only_their_indexes(tmp_path) ->
         store.close()
 
 
+def test_file_states_tell_each_path_what_incremental_indexing_compares(any_store_url: str) -> None:
+    from app.store import HASH_FIELDS as FIELDS
+
+    store = Store(any_store_url)
+    try:
+        hashed = replace(_result("/p/a.jpg", "a" * 64, np.ones(4, np.float32)), hashes=dict.fromkeys(FIELDS, 1 << 63))
+        plain = _result("/p/b.jpg", "b" * 64, np.ones(4, np.float32))
+        ids = store.save_results([hashed, plain, _result("/p/bad.jpg", "c" * 64, None, ImageStatus.FAILED)], "m")
+        states = store.file_states()
+        assert set(states) == {"/p/a.jpg", "/p/b.jpg", "/p/bad.jpg"}
+        a, b, bad = states["/p/a.jpg"], states["/p/b.jpg"], states["/p/bad.jpg"]
+        assert (a.id, a.path, a.sha256, a.status, a.model, a.has_hashes) == (
+            ids["/p/a.jpg"],
+            "/p/a.jpg",
+            "a" * 64,
+            ImageStatus.INDEXED,
+            "m",
+            True,
+        )
+        assert (a.size, a.mtime) == (hashed.size, hashed.mtime)
+        assert b.has_hashes is False and bad.status == ImageStatus.FAILED and bad.model is None
+    finally:
+        store.close()
+
+
 def test_hashes_are_read_in_chunks_in_id_order(any_store_url: str) -> None:
     from app.store import HASH_FIELDS as FIELDS
 
