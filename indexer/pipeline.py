@@ -399,7 +399,9 @@ class Indexer:
             else:
                 todo.append(info)
         log.info("%d files found, %d to process", len(found.files), len(todo))
-        return Plan(todo, states, hash_only, self.store.embedded_shas(self.model_key))
+        # the contents that could be reused instead of embedded: read only when a file is to be read (2 s at 1M)
+        known = self.store.embedded_shas(self.model_key) if todo else set()
+        return Plan(todo, states, hash_only, known)
 
     def commit(
         self,

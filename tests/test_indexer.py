@@ -33,13 +33,17 @@ def _id_of(store: Store, path: Path) -> int:
 
 
 def test_first_run_indexes_all_and_second_run_embeds_nothing(
-    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path]
+    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
     assert (first.added, first.embedded, first.failed, first.unchanged) == (24, 24, 0, 0)
     assert first.index_count == 24 and read_manifest(settings.index_dir).count == 24
     manifest_before = read_manifest(settings.index_dir)
 
+    def not_needed(model: str) -> set[str]:
+        raise AssertionError("nothing is read: no content to reuse")
+
+    monkeypatch.setattr(store, "embedded_shas", not_needed)
     second = _indexer(settings, store, tiny_encoder).run([photos[0].parent])
     assert (second.embedded, second.added, second.updated, second.unchanged) == (0, 0, 0, 24)
     assert read_manifest(settings.index_dir) == manifest_before  # nothing rewritten
