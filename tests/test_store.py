@@ -296,6 +296,7 @@ def test_version_2_database_gains_tags_in_place(tmp_path) -> None:  # type: igno
 
 
 def test_a_version_3_database_gains_the_indexes_that_count_indexed_images_and_read_hashes(any_store_url: str) -> None:
+    """And (version 6) the one that finds the images whose tags are stale."""
     from sqlalchemy import inspect, text
 
     store = Store(any_store_url)
@@ -305,19 +306,27 @@ def test_a_version_3_database_gains_the_indexes_that_count_indexed_images_and_re
         results.append(_result("/p/bad.jpg", "d" * 64, None, ImageStatus.FAILED))
         store.save_results(results, "m1")
         store.save_results([_result("/p/other.jpg", "e" * 64, v)], "m2")
-        # the database as version 3 left it: no index on (status, model), nor on (status, id, hashes)
+        store.save_tags({store.file_states()["/p/b.jpg"].id: []}, "k1")
+        # the database as version 3 left it: no index on (status, model), (status, id, hashes) or (..., tags_key)
         with store.engine.begin() as conn:
             conn.execute(text("DROP INDEX ix_images_status_model"))
             conn.execute(text("DROP INDEX ix_images_status_hashes"))
+            conn.execute(text("DROP INDEX ix_images_status_model_tags"))
             conn.execute(text("UPDATE clipsearch_meta SET value = '3' WHERE key = 'schema_version'"))
     finally:
         store.close()
     store = Store(any_store_url)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 5
+        assert store.schema_version() == SCHEMA_VERSION == 6
         indexes = {ix["name"]: ix["column_names"] for ix in inspect(store.engine).get_indexes("images")}
         assert indexes["ix_images_status_model"] == ["status", "model"]
         assert indexes["ix_images_status_hashes"] == ["status", "id", *HASH_FIELDS]
+        assert indexes["ix_images_status_model_tags"] == ["status", "model", "tags_key", "id"]
+        ids = store.file_states()
+        # untagged or tagged under another key; a failed image (no vector) and the other model's are not asked for
+        assert store.ids_to_tag("m1", "k1") == sorted([ids["/p/a.jpg"].id, ids["/p/c.jpg"].id])
+        assert store.ids_to_tag("m1", "k2") == sorted(ids[f"/p/{n}.jpg"].id for n in "abc")
+        assert store.ids_to_tag("m1", None) == store.ids_to_tag("m1", "k2") and store.ids_to_tag("m3", None) == []
         # a failure clears the model with the vector: neither it nor the other model's image is counted
         assert store.count_indexed("m1") == 3 and store.count_indexed("m2") == 1 and store.count_indexed("m3") == 0
         store.mark_deleted([store.file_states()["/p/a.jpg"].id])
@@ -342,6 +351,8 @@ def test_counting_images_and_reading_hashes_read_only_their_indexes(tmp_path) ->
         # instead of 2.7-5 s for the hashes
         counting, hashes = plan(store.count_indexed_statement("m1")), plan(store.hashes_statement(0, 100))
         assert "COVERING INDEX ix_images_status_model" in counting, counting
+        stale = plan(store.ids_to_tag_statement("m1", "k1"))  # 1.2 s at 1M images reading every row
+        assert "COVERING INDEX ix_images_status_model_tags" in stale, stale
         assert "COVERING INDEX ix_images_status_hashes" in hashes and "TEMP B-TREE" not in hashes, hashes
     finally:
         store.close()
