@@ -30,6 +30,7 @@ PERFORMANCE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "vocabulary": ("vocabulary", [], ["--quick"]),
     "model_load": ("model_load", [], ["--quick"]),
     "index_features": ("index_features", [], ["--quick"]),
+    "store_scale": ("store_scale", [], ["--quick"]),
     "gpu_ingest": ("gpu_ingest", [], ["--quick"]),
 }
 #: benchmarks that need a GPU: skipped, saying so, on a machine without one
