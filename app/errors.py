@@ -19,6 +19,14 @@ class IndexMismatch(ClipSearchError):
     """The index on disk was built with another model (or is unreadable)."""
 
 
+class ModelMismatch(IndexMismatch):
+    """The index on disk was built with another model (or other pretrained weights) than the one configured."""
+
+    def __init__(self, message: str, *, built: str, count: int) -> None:
+        super().__init__(message)
+        self.built, self.count = built, count
+
+
 class NotReady(ClipSearchError):
     """There is no index yet, or it is still loading."""
 

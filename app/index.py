@@ -12,7 +12,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from app.errors import IndexMismatch, NotReady
+from app.errors import IndexMismatch, ModelMismatch, NotReady
 
 MANIFEST_FILE = "manifest.json"
 FLAT = "flat"
@@ -267,11 +267,13 @@ def check_manifest(manifest: Manifest, *, model: str, pretrained: str) -> None:
     if manifest.model != model or manifest.pretrained != pretrained:
         built = f"{manifest.model} ({manifest.pretrained or 'no pretrained tag'})"
         wanted = f"{model} ({pretrained or 'no pretrained tag'})"
-        raise IndexMismatch(
+        raise ModelMismatch(
             f"the index was built with model {built} but {wanted} is configured. Either set "
             f"CLIPSEARCH_MODEL={manifest.model} CLIPSEARCH_PRETRAINED={manifest.pretrained} to use it, or "
             "re-embed the catalog with the new model: 'clipsearch index PATH...' (changed models are "
-            "detected and re-embedded)."
+            "detected and re-embedded).",
+            built=built,
+            count=manifest.count,
         )
 
 

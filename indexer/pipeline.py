@@ -23,7 +23,7 @@ from tqdm import tqdm
 from app.config import Settings
 from app.dupes import ImageHashes
 from app.dupes.resample import single_threaded_blas
-from app.errors import IndexMismatch, NotReady, UnsupportedImage
+from app.errors import IndexMismatch, ModelMismatch, NotReady, UnsupportedImage
 from app.imaging import decode_image, model_draft_size, sha256_bytes
 from app.index import FLAT, ONDISK, VectorIndex, choose_kind, nlist_for, training_size_for
 from app.index_ondisk import OnDiskIndex
@@ -842,6 +842,15 @@ class Indexer:
                 index, _ = VectorIndex.load(
                     settings.index_dir, model=spec.name, pretrained=spec.pretrained, nprobe=settings.nprobe
                 )
+            except ModelMismatch as exc:
+                # not an error (the catalog moves to the configured model), but not silent: a mistyped model or
+                # weights path would otherwise leave an index of the images this run happened to embed
+                log.warning(
+                    "the saved index (%d vectors) was built with model %s; this run uses %s (%s): the index is "
+                    "rebuilt for it and holds the images embedded with it so far. The images not embedded again "
+                    "keep their vectors of the other model in the store: configuring it again rebuilds its index",
+                    exc.count, exc.built, spec.name, spec.pretrained or "no pretrained tag",
+                )  # fmt: skip
             except (NotReady, IndexMismatch) as exc:
                 log.info("building the index from the store: %s", exc)
         expected = self.store.count_indexed(self.model_key)

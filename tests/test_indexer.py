@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -135,16 +136,25 @@ def test_index_is_rebuilt_from_the_store_when_lost(
 
 
 def test_changing_the_model_re_embeds_everything(
-    settings: Settings, store: Store, tiny_encoder: Encoder, photos: list[Path], tmp_path: Path
+    settings: Settings,
+    store: Store,
+    tiny_encoder: Encoder,
+    photos: list[Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from tests.helpers import save_local_dir_model
 
     _indexer(settings, store, tiny_encoder).run([photos[0].parent])
     other_settings = settings.with_overrides(model=f"local-dir:{save_local_dir_model(tmp_path / 'm2', seed=1)}")
     other = Encoder.from_settings(other_settings)
-    summary = _indexer(other_settings, store, other).run([photos[0].parent])
+    with caplog.at_level(logging.WARNING, logger="indexer.pipeline"):
+        summary = _indexer(other_settings, store, other).run([photos[0].parent])
     assert summary.embedded == 24 and summary.index_rebuilt
     assert read_manifest(settings.index_dir).model == other.spec.name
+    # said, not silent: a mistyped model or weights path would leave an index of what this run embedded
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("saved index (24 vectors) was built with model" in m and other.spec.name in m for m in warned), warned
 
 
 def test_changing_only_the_pretrained_weights_re_embeds_everything(
