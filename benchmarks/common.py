@@ -168,3 +168,24 @@ def write_results(
         print(notes.rstrip())
     print(f"\nwrote {json_path} and {md_path}")
     return json_path, md_path
+
+
+def reusable_dir(folder: Path | None, wanted: dict[str, Any], record: str, prefix: str) -> tuple[Path, bool]:
+    """Where a benchmark builds its data: a new temp dir (``folder`` None), or ``folder``, reused when its record
+    file (``record``, JSON) says it holds ``wanted`` (True), else emptied for a new build (False). After a build
+    into ``folder``, ``write_record`` marks it."""
+    if folder is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), False
+    data_dir = folder.resolve()
+    path = data_dir / record
+    if path.exists() and json.loads(path.read_text()) == wanted:
+        return data_dir, True
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    return data_dir, False
+
+
+def write_record(folder: Path | None, wanted: dict[str, Any], record: str) -> None:
+    """Mark ``folder`` (when given) as holding ``wanted`` (``reusable_dir``)."""
+    if folder is not None:
+        (folder.resolve() / record).write_text(json.dumps(wanted))

@@ -38,7 +38,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import uuid
@@ -52,7 +51,7 @@ from sqlalchemy import insert
 from app.config import Settings
 from app.index import VectorIndex, choose_kind, nlist_for, training_size_for
 from app.store import ImageRow, ImageTagRow, Meta, Store, TagKind, utcnow, vector_to_bytes
-from benchmarks.common import write_results
+from benchmarks.common import reusable_dir, write_record, write_results
 from benchmarks.index_scale import DIM, clip_like
 
 ADJ = ["red", "small", "old", "shiny", "wet", "bright", "dark", "wooden", "striped", "broken", "tall", "quiet"]
@@ -159,20 +158,14 @@ def prepared_catalog(folder: Path | None, n: int, model: str, tags: int) -> tupl
     """A data dir holding the catalog: a new temp dir, or ``folder``, reused when its record says it holds the same
     catalog (else emptied and built again). Returns it and the build's seconds (0 when reused)."""
     wanted = {"vectors": n, "model": model, "tags": tags, "stored_vectors": True}
-    if folder is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
-    else:
-        data_dir, record = folder.resolve(), folder / "catalog.json"
-        if record.exists() and json.loads(record.read_text()) == wanted:
-            print(f"reusing the catalog of {n:,} in {data_dir}", flush=True)
-            return data_dir, 0.0
-        shutil.rmtree(data_dir, ignore_errors=True)
-        data_dir.mkdir(parents=True)
+    data_dir, reused = reusable_dir(folder, wanted, "catalog.json", "bench-http-")
+    if reused:
+        print(f"reusing the catalog of {n:,} in {data_dir}", flush=True)
+        return data_dir, 0.0
     checkpoint = save_weights(data_dir / WEIGHTS_FILE, model)
     build_s = build_catalog(data_dir, n, model, str(checkpoint), tags)
     print(f"catalog of {n:,} built in {build_s:.1f}s", flush=True)
-    if folder is not None:
-        (data_dir / "catalog.json").write_text(json.dumps(wanted))
+    write_record(folder, wanted, "catalog.json")
     return data_dir, build_s
 
 

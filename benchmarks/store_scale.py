@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +38,8 @@ from sqlalchemy import insert, select
 from app.config import Settings
 from app.dupes.hashing import HashIndex
 from app.duplicates import build_hash_index, catalog_keys, content_key
-from app.store import ImageRow, ImageStatus, Store, utcnow, vector_to_bytes
-from benchmarks.common import write_results
+from app.store import FileState, ImageRow, ImageStatus, Store, utcnow, vector_to_bytes
+from benchmarks.common import reusable_dir, write_record, write_results
 
 DIM = 512
 CHUNK = 20_000
@@ -49,18 +47,8 @@ MODEL = "ViT-B-32"
 TAGS_KEY = "k" * 16
 
 
-@dataclass(frozen=True)
-class PlainFileState:
-    """What the store's file states were before: a frozen dataclass per path."""
-
-    id: int
-    path: str
-    size: int
-    mtime: float
-    sha256: str | None
-    status: str
-    model: str | None
-    has_hashes: bool
+#: What the store's file states were before: a frozen dataclass per path (the same fields).
+PlainFileState = make_dataclass("PlainFileState", [(name, Any) for name in FileState._fields], frozen=True)
 
 
 def build_store(folder: Path, n: int) -> float:
@@ -105,26 +93,20 @@ def build_store(folder: Path, n: int) -> float:
 
 def prepared_store(folder: Path | None, n: int) -> tuple[Path, float]:
     wanted = {"images": n, "layout": 1}
-    if folder is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    else:
-        data_dir, record = folder.resolve(), folder / "store.json"
-        if record.exists() and json.loads(record.read_text()) == wanted:
-            print(f"reusing the store of {n:,} images in {data_dir}", flush=True)
-            return data_dir, 0.0
-        shutil.rmtree(data_dir, ignore_errors=True)
-        data_dir.mkdir(parents=True)
+    data_dir, reused = reusable_dir(folder, wanted, "store.json", "bench-store-")
+    if reused:
+        print(f"reusing the store of {n:,} images in {data_dir}", flush=True)
+        return data_dir, 0.0
     seconds = build_store(data_dir, n)
     print(f"store of {n:,} images built in {seconds:.1f}s", flush=True)
-    if folder is not None:
-        (data_dir / "store.json").write_text(json.dumps(wanted))
+    write_record(folder, wanted, "store.json")
     return data_dir, seconds
 
 
 # --- the plain ways ------------------------------------------------------------------------------
 
 
-def plain_file_states(store: Store) -> dict[str, PlainFileState]:
+def plain_file_states(store: Store) -> dict[str, Any]:
     columns: list[Any] = [ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime, ImageRow.sha256]
     columns += [ImageRow.status, ImageRow.model, ImageRow.phash.is_not(None)]
     with store._sessions() as session:
@@ -208,9 +190,9 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name in reads:
-        ours, plain = statistics.median(seconds[name]["ours"]), statistics.median(seconds[name]["plain"])
-        rows.append({"read": name, "rows": sizes[name], "ours_s": ours, "plain_s": plain, "seconds": seconds[name]})
-        lines.append(f"| {name} | {sizes[name]:,} | {ours:.2f} | {plain:.2f} | {plain / ours:.1f}x |")
+        ours_s, plain_s = statistics.median(seconds[name]["ours"]), statistics.median(seconds[name]["plain"])
+        rows.append({"read": name, "rows": sizes[name], "ours_s": ours_s, "plain_s": plain_s, "seconds": seconds[name]})
+        lines.append(f"| {name} | {sizes[name]:,} | {ours_s:.2f} | {plain_s:.2f} | {plain_s / ours_s:.1f}x |")
     notes = (
         "ours: the store's reads (driver cursor, schema 6's covering index, arrays). plain: ORM rows into frozen "
         "dataclasses; every record 500 ids at a time; an ImageHashes per image; the stale-tags question ordered "
