@@ -138,7 +138,11 @@ class PastTextRunner:
 
     def _store(self, prefix: tuple[int, ...], past: int, keys: np.ndarray, values: np.ndarray) -> None:
         """Cache positions ``past`` .. len(prefix) - 1 from the run's new ``keys``/``values`` (layers x heads x new
-        positions x head width), then evict the least recently used beyond the bound (hold _lock)."""
+        positions x head width), then evict the least recently used beyond the bound (hold _lock). Nothing when a
+        position before ``past`` left the cache while the run computed (another thread's run evicted it): its
+        extensions would be unreachable, and touching it failed (a KeyError in the calling query)."""
+        if any(prefix[:end] not in self._cache for end in range(1, past + 1)):
+            return
         for position in range(past, len(prefix)):
             column = position - past
             self._cache[prefix[: position + 1]] = (

@@ -131,6 +131,48 @@ def test_the_cache_keeps_within_its_bound_and_evicts_extensions_before_their_pre
     assert runner.rows_cached - before == 1
 
 
+def test_a_prefix_evicted_while_its_query_runs_is_not_extended(onnx_encoders: dict[str, Encoder]) -> None:
+    """Two threads share the runner: while one query's run computes (the lock released), another query's run
+    evicts the positions the first one took from the cache. The first must still get its vector, store nothing
+    unreachable and keep the bound (it raised a KeyError while touching the evicted positions: a flaky CI run)."""
+    encoder = onnx_encoders["onnx"]
+    real = runner_of(encoder).session
+    texts = ["a photo of a dog in the snow", "a photo of a dog in the city", "two red boats on a quiet lake"]
+    tokens = encoder.tokenizer(texts).numpy()
+    pooled = _pooled_positions(encoder.model, torch.from_numpy(tokens)).numpy()
+    want = full_encode(encoder, texts)
+
+    def ask(i: int) -> np.ndarray:
+        got = runner.encode(tokens[i : i + 1, : int(pooled[i]) + 1], pooled[i : i + 1])[0]
+        return got / np.linalg.norm(got)
+
+    class Interleaving:
+        """The real session, but its second run first lets another query run (and evict) in between."""
+
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def get_inputs(self) -> list[object]:
+            return real.get_inputs()  # type: ignore[no-any-return]
+
+        def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+            self.runs += 1
+            if self.runs == 2:
+                assert np.abs(ask(2) - want[2]).max() <= 1e-5  # evicts the first query's prefix
+            return real.run(*args, **kwargs)  # type: ignore[no-any-return]
+
+    bound = 9  # the second query's prefix (8 positions) fits; with the third's, the oldest go
+    runner = PastTextRunner(Interleaving(), cache_bytes=bound * PastTextRunner(real, cache_bytes=0).position_bytes)
+    assert np.abs(ask(0) - want[0]).max() <= 1e-5  # caches "a photo of a dog in the"
+    assert np.abs(ask(1) - want[1]).max() <= 1e-5  # takes most of it from the cache, then the third runs
+    assert runner.cached_positions <= bound
+    # what is cached is reachable: every cached prefix's beginnings are cached too
+    cached = list(runner._cache)
+    assert all(key[:end] in runner._cache for key in cached for end in range(1, len(key)))
+    for i in range(3):  # and serves every query exactly again
+        assert np.abs(ask(i) - want[i]).max() <= 1e-5
+
+
 def test_no_cache_in_the_int8_mode_nor_when_turned_off(onnx_encoders: dict[str, Encoder]) -> None:
     encoder = onnx_encoders["onnx-int8"]
     runner = runner_of(encoder)
