@@ -298,13 +298,6 @@ def _content_key(sha256: str | None, path: str, size: int, mtime: float) -> str:
     return sha256 or f"nosha:{path}:{size}:{mtime}"
 
 
-def _indexed_records(store: Store, ids: Sequence[int]) -> dict[int, ImageRecord]:
-    records: dict[int, ImageRecord] = {}
-    for start in range(0, len(ids), 500):
-        records.update(store.get_many(ids[start : start + 500]))
-    return {i: r for i, r in records.items() if r.status == ImageStatus.INDEXED}
-
-
 @dataclass
 class FeatureSync:
     """The feature cache and shortlist after ``sync_features``, and what it took."""
@@ -388,8 +381,12 @@ def sync_features(
     for image_id, key in wanted.items():
         if key not in features and key not in missing:
             missing[key] = image_id
-    records = _indexed_records(store, list(missing.values()))  # an image deleted since is left out
-    todo = {key: records[image_id] for key, image_id in missing.items() if image_id in records}
+    records = store.get_many(list(missing.values()))
+    todo = {  # an image deleted since is left out
+        key: records[image_id]
+        for key, image_id in missing.items()
+        if image_id in records and records[image_id].status == ImageStatus.INDEXED
+    }
     if todo:
         level = logging.WARNING if current is None and len(features) else logging.INFO
         log.log(level, "local features: %d of %d catalog images are not cached, preparing them", len(todo),
@@ -868,11 +865,7 @@ class DupeService:
         return np.concatenate(id_chunks), np.concatenate(vector_chunks).astype(np.float32)
 
     def _records(self, ids: np.ndarray) -> dict[int, ImageRecord]:
-        records: dict[int, ImageRecord] = {}
-        wanted = [int(i) for i in ids]
-        for start in range(0, len(wanted), 500):
-            records.update(self.store.get_many(wanted[start : start + 500]))
-        return records
+        return self.store.get_many([int(i) for i in ids])
 
     def _prepare_all(
         self, records: list[ImageRecord], progress: Progress | None

@@ -22,9 +22,10 @@ class IndexMismatch(ClipSearchError):
 class ModelMismatch(IndexMismatch):
     """The index on disk was built with another model (or other pretrained weights) than the one configured."""
 
-    def __init__(self, message: str, *, built: str, count: int) -> None:
+    def __init__(self, message: str, *, built: str, wanted: str, count: int) -> None:
         super().__init__(message)
-        self.built, self.count = built, count
+        #: "model (pretrained)" of the index and of the configuration, and the index's count of vectors
+        self.built, self.wanted, self.count = built, wanted, count
 
 
 class NotReady(ClipSearchError):

@@ -273,6 +273,7 @@ def check_manifest(manifest: Manifest, *, model: str, pretrained: str) -> None:
             "re-embed the catalog with the new model: 'clipsearch index PATH...' (changed models are "
             "detected and re-embedded).",
             built=built,
+            wanted=wanted,
             count=manifest.count,
         )
 

@@ -846,10 +846,10 @@ class Indexer:
                 # not an error (the catalog moves to the configured model), but not silent: a mistyped model or
                 # weights path would otherwise leave an index of the images this run happened to embed
                 log.warning(
-                    "the saved index (%d vectors) was built with model %s; this run uses %s (%s): the index is "
+                    "the saved index (%d vectors) was built with model %s; this run uses %s: the index is "
                     "rebuilt for it and holds the images embedded with it so far. The images not embedded again "
                     "keep their vectors of the other model in the store: configuring it again rebuilds its index",
-                    exc.count, exc.built, spec.name, spec.pretrained or "no pretrained tag",
+                    exc.count, exc.built, exc.wanted,
                 )  # fmt: skip
             except (NotReady, IndexMismatch) as exc:
                 log.info("building the index from the store: %s", exc)

@@ -63,7 +63,9 @@ def test_saving_a_path_again_updates_the_same_row(any_store_url: str) -> None:
         store.close()
 
 
-def test_records_of_many_ids_in_any_number_and_order(any_store_url: str) -> None:
+def test_records_of_many_ids_in_any_number_and_order(any_store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import app.store as store_module
+
     store = Store(any_store_url)
     try:
         results = [_result(f"/p/{n}.jpg", f"{n:064x}", np.ones(4, np.float32) if n % 3 else None) for n in range(30)]
@@ -83,6 +85,10 @@ def test_records_of_many_ids_in_any_number_and_order(any_store_url: str) -> None
                 assert (record.path, record.width, record.height, record.format, record.size, record.mtime,
                         record.status, record.error, record.sha256) == expected[image_id]  # fmt: skip
         assert store.get_many([]) == {}
+        # more ids than one statement takes: read in chunks, the same records
+        whole = store.get_many(every[::-1] + [unknown])
+        monkeypatch.setattr(store_module, "GET_MANY_CHUNK", 4)
+        assert store.get_many(every[::-1] + [unknown]) == whole and set(whole) == set(every)
     finally:
         store.close()
 

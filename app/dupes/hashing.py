@@ -184,11 +184,12 @@ class HashIndex:
         ``add`` would build, in a few array operations (ids must be distinct)."""
         ids = np.asarray(ids, dtype=np.int64)
         hashes = np.asarray(hashes, dtype=np.uint64).reshape(len(ids), len(HASH_FIELDS))
-        if len(np.unique(ids)) != len(ids):
+        order = np.argsort(ids, kind="stable")
+        ids, hashes = ids[order], hashes[order]
+        if len(ids) and bool(np.any(ids[1:] == ids[:-1])):
             raise ValueError("from_arrays needs distinct ids")
         index = cls()
-        order = np.argsort(ids, kind="stable")
-        index._bulk_ids, index._bulk = ids[order], hashes[order]
+        index._bulk_ids, index._bulk = ids, hashes
         index._bulk_live = np.ones(len(ids), dtype=bool)
         index._bulk_count = len(ids)
         if len(ids):
