@@ -8,6 +8,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -77,6 +79,32 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+#: bytes each thread sums per pass of the memory probe: far beyond any L3 of these hosts (32 MB on the Zen 3)
+PROBE_BYTES = 128 << 20
+
+
+def memory_read_gbps(threads: int = 0, passes: int = 5) -> float:
+    """GB/s that ``threads`` threads (0: every usable core) read from memory, summing PROBE_BYTES each (numpy
+    releases the GIL in the sum), the best of ``passes``. The 2-core VMs of these benchmarks share a host's memory
+    with other VMs: the Zen 3's read 29 GB/s on two threads in session 18 and 12-22 GB/s on a later day, which moved
+    every memory-bound figure (the text tower reads its 151 MB of weights per query) by up to 1.7x, so each result
+    records the probe beside the load average."""
+    import numpy as np
+
+    count = threads or usable_cores()
+    arrays = [np.ones(PROBE_BYTES // 8) for _ in range(count)]
+    best = 0.0
+    for _ in range(passes):
+        workers = [threading.Thread(target=np.sum, args=(a,)) for a in arrays]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = max(best, count * PROBE_BYTES / (time.perf_counter() - start) / 1e9)
+    return round(best, 1)
+
+
 def library_versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in names:
@@ -106,7 +134,7 @@ def git_commit() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """The facts a reader needs to compare runs: CPU, cores, GPU, load, date, versions, commit."""
+    """The facts a reader needs to compare runs: CPU, cores, GPU, load, memory bandwidth, date, versions, commit."""
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -116,6 +144,7 @@ def machine_info() -> dict[str, Any]:
         "cores": usable_cores(),
         "gpu": gpu_names() or None,
         "load_average": load,
+        "memory_read_gbps": {"1": memory_read_gbps(1), str(usable_cores()): memory_read_gbps()},
         "platform": platform.platform(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
@@ -126,9 +155,12 @@ def machine_info() -> dict[str, Any]:
 def machine_lines(machine: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
     load = "/".join(str(x) for x in machine["load_average"]) or "n/a"
+    reads = machine.get("memory_read_gbps") or {}  # results written before session 22 lack it
+    memory = ", ".join(f"{gbps} GB/s on {threads} thread{'s' * (threads != '1')}" for threads, gbps in reads.items())
     return [
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, GPU: {', '.join(machine['gpu'] or ['none'])}",
         f"- Load average (1/5/15 min) at the end: {load}",
+        *([f"- Memory read at the end (`memory_read_gbps`): {memory}"] if memory else []),
         f"- Date: {machine['date']}, commit {machine['commit'] or 'unknown'}",
         f"- Versions: {versions}",
     ]
