@@ -48,8 +48,9 @@ ONNX_MODES = ("onnx", "onnx-int8")
 #: CLIPSEARCH_INFERENCE's default: see resolve_inference.
 AUTO = "auto"
 #: Bump when the record's fields or what they mean change: older records are then ignored. 2: the text tower is
-#: exported with its past (app.onnx_text), so a start through torch exports it anew.
-LAUNCH_FORMAT = 2
+#: exported with its past (app.onnx_text), so a start through torch exports it anew. 3: its graph has fewer nodes
+#: (app.onnx_backend.EXPORT_FORMAT 5), exported anew once by the next start.
+LAUNCH_FORMAT = 3
 #: Packages whose versions must match the ones the record was written with.
 PINNED_PACKAGES = ("open_clip_torch", "onnxruntime")
 

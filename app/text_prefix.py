@@ -56,7 +56,11 @@ class _Block:
     def residuals(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the block after attention: ``x`` plus the projected ``attended`` heads (batch, heads,
         length, head width), then plus the MLP of that."""
-        x = x + self.ls_1(self.out_proj(merge_heads(attended)))
+        return self.after_attention(x, merge_heads(attended))
+
+    def after_attention(self, x: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        """``residuals`` given the attended heads already merged (batch, length, width)."""
+        x = x + self.ls_1(self.out_proj(merged))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 

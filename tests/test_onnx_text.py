@@ -217,6 +217,27 @@ def test_a_tower_not_taken_apart_is_exported_whole_and_encodes_as_before(
     assert np.abs(encoder.encode_texts(texts) - want).max() <= 1e-5
 
 
+def test_the_export_reads_its_sizes_once_not_per_layer(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import copy
+
+    import onnx
+
+    from app import onnx_backend
+
+    model = Encoder.from_settings(Settings(model=f"local-dir:{tiny_model_dir}", device="cpu")).model
+    shallow = copy.deepcopy(model)
+    shallow.transformer.resblocks = shallow.transformer.resblocks[:1]
+    assert len(model.transformer.resblocks) > 1
+
+    def shape_reads(tower: torch.nn.Module, name: str) -> int:
+        onnx_backend.export_text_tower(tower, tmp_path / name)
+        return sum(node.op_type == "Shape" for node in onnx.load(tmp_path / name).graph.node)
+
+    # a size read off a layer's own tensor is a chain of nodes per layer that ORT cannot merge across layers (609
+    # nodes after its optimisation instead of 368 for ViT-B-32): the graph reads its inputs' sizes only
+    assert shape_reads(model, "deep.onnx") == shape_reads(shallow, "shallow.onnx")
+
+
 def test_the_service_reuses_prefixes_and_reports_its_rows(tiny_model_dir: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     copy_photos(tmp_path / "catalog", 4)
