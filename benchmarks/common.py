@@ -87,7 +87,7 @@ def memory_read_gbps(threads: int = 0, passes: int = 5) -> float:
     """GB/s that ``threads`` threads (0: every usable core) read from memory, summing PROBE_BYTES each (numpy
     releases the GIL in the sum), the best of ``passes``. The 2-core VMs of these benchmarks share a host's memory
     with other VMs: the Zen 3's read 29 GB/s on two threads in session 18 and 12-22 GB/s on a later day, which moved
-    every memory-bound figure (the text tower reads its 151 MB of weights per query) by up to 1.7x, so each result
+    every memory-bound figure (the text tower reads its 151 MB of weights per query) by up to 1.8x, so each result
     records the probe beside the load average."""
     import numpy as np
 
