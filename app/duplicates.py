@@ -42,7 +42,6 @@ from app.dupes import (
     FeatureHit,
     FeatureIndex,
     HashIndex,
-    ImageHashes,
     Match,
     PreparedImage,
     Verdict,
@@ -255,21 +254,6 @@ class PreparedCache:
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-def build_hash_index(rows: Iterable[tuple[int, dict[str, int]]], chunk: int = 10_000) -> HashIndex:
-    """A HashIndex over (id, stored hashes) rows, such as ``Store.iter_hashes()``."""
-    index = HashIndex()
-    ids: list[int] = []
-    hashes: list[ImageHashes] = []
-    for image_id, values in rows:
-        ids.append(int(image_id))
-        hashes.append(ImageHashes.from_dict(values))
-        if len(ids) >= chunk:
-            index.add(ids, hashes)
-            ids, hashes = [], []
-    index.add(ids, hashes)
-    return index
 
 
 def is_under(path: str, folder: str) -> bool:

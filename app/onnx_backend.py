@@ -117,7 +117,9 @@ class PastTextTower(nn.Module):
         x = self.token_embedding(tokens) + self.positions[start:end]
         mask = self.attn_mask[start:end, :end]  # the prefix, then causal among the new positions
         rows = torch.arange(batch)
-        past = [p.unsqueeze(1).expand(layers, batch, heads, start, head_width) for p in (past_keys, past_values)]
+        past_k, past_v = (
+            p.unsqueeze(1).expand(layers, batch, heads, start, head_width) for p in (past_keys, past_values)
+        )
         last = len(self.blocks) - 1
         new_keys, new_values = [], []
         for depth, block in enumerate(self.blocks):
@@ -126,8 +128,8 @@ class PastTextTower(nn.Module):
             q, k, v = qkv.split(heads, dim=1)
             new_keys.append(k)
             new_values.append(v)
-            keys = torch.cat([past[0][depth], k], dim=2)
-            values = torch.cat([past[1][depth], v], dim=2)
+            keys = torch.cat([past_k[depth], k], dim=2)
+            values = torch.cat([past_v[depth], v], dim=2)
             if depth < last:
                 attended = F.scaled_dot_product_attention(q, keys, values, mask, scale=self.scale)
                 x = block.after_attention(x, attended.transpose(1, 2).reshape(batch, count, heads * head_width))

@@ -27,7 +27,7 @@ import gc
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import make_dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ import numpy as np
 from sqlalchemy import insert, select
 
 from app.config import Settings
-from app.dupes.hashing import HashIndex
-from app.duplicates import build_hash_index, catalog_keys, content_key
+from app.dupes.hashing import HashIndex, ImageHashes
+from app.duplicates import catalog_keys, content_key
 from app.store import FileState, ImageRow, ImageStatus, Store, utcnow, vector_to_bytes
 from benchmarks.common import reusable_dir, write_record, write_results
 
@@ -125,6 +125,22 @@ def plain_ids_to_tag(store: Store, key: str) -> list[int]:
     stmt = Store.ids_to_tag_statement(MODEL, key).where(ImageRow.embedding.is_not(None)).order_by(ImageRow.id)
     with store._sessions() as session:
         return [int(i) for i in session.scalars(stmt)]
+
+
+def build_hash_index(rows: Iterable[tuple[int, dict[str, int]]], chunk: int = 10_000) -> HashIndex:
+    """A HashIndex over (id, stored hashes) rows, such as ``Store.iter_hashes()``, added a chunk of ``ImageHashes``
+    at a time: how the service built it before ``HashIndex.from_arrays``."""
+    index = HashIndex()
+    ids: list[int] = []
+    hashes: list[ImageHashes] = []
+    for image_id, values in rows:
+        ids.append(int(image_id))
+        hashes.append(ImageHashes.from_dict(values))
+        if len(ids) >= chunk:
+            index.add(ids, hashes)
+            ids, hashes = [], []
+    index.add(ids, hashes)
+    return index
 
 
 # --- the run -------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def test_results_record_the_memory_probe(tmp_path, monkeypatch: pytest.MonkeyPat
     assert sorted(calls) == [0, 1]
 
 
-def test_older_results_without_the_probe_still_print() -> None:
+def test_older_results_without_the_probe_still_print(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "memory_read_gbps", lambda threads=0, passes=5: 20.0)
     machine = common.machine_info()
     del machine["memory_read_gbps"]
     lines = common.machine_lines(machine)

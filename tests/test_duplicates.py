@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from app.config import Settings
 from app.dupes import DupeThresholds, ImageHashes, Verdict
-from app.duplicates import DupeService, build_hash_index
+from app.duplicates import DupeService
 from app.encoder import Encoder
 from app.errors import BadQuery, NotFound, NotReady
 from app.search import SearchService, open_service
@@ -288,6 +288,8 @@ def test_no_index_is_not_ready(tmp_path: Path, tiny_model_dir: Path) -> None:
 
 
 def test_hash_index_is_built_from_stored_hashes() -> None:
+    from benchmarks.store_scale import build_hash_index  # store_scale's baseline, as the service built it before
+
     hashes = ImageHashes(phash=1, dhash=2, phash_mirror=3, dhash_mirror=4)
     index = build_hash_index((i, hashes.as_dict()) for i in (5, 9))
     assert len(index) == 2 and index.get(9) == hashes

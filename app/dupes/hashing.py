@@ -227,7 +227,7 @@ class HashIndex:
         self._hashes.update(zip(labels.tolist(), hashes, strict=True))
 
     def remove(self, ids: Sequence[int]) -> int:
-        present = [int(i) for i in dict.fromkeys(int(i) for i in ids) if int(i) in self]
+        present = [i for i in dict.fromkeys(map(int, ids)) if i in self]
         if not present:
             return 0
         selector = np.asarray(present, dtype=np.int64)
